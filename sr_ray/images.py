@@ -1,0 +1,101 @@
+"""Image bytes in and out: decoding with validation, and the procedural drawing
+that the demo data (and the simulated community) are made of."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MAX_PIXELS = 64_000_000  # refuse decompression bombs well before PIL's own limit
+MIN_SIDE = 8
+
+# Named colours a prompt can ask for; the demo's "taste" is that the dominant
+# colour of a popular image matches the colour named in its prompt.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 190),
+    "orange": (250, 140, 20),
+    "pink": (250, 120, 190),
+    "cyan": (30, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "stripes")
+
+
+class BadImage(ValueError):
+    """Bytes that are not a usable image; the message says why."""
+
+
+def decode(data: bytes | None) -> Image.Image:
+    """Encoded JPEG/PNG/WebP bytes -> RGB PIL image; raises :class:`BadImage` with the reason."""
+    if data is None or len(data) == 0:
+        raise BadImage("empty image bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise BadImage(f"image too large ({img.width}x{img.height})")
+        img.load()
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from None
+    if min(img.size) < MIN_SIDE:
+        raise BadImage(f"image too small ({img.width}x{img.height})")
+    return img.convert("RGB")
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """A ``size`` x ``size`` picture whose dominant object has ``colour`` and ``shape``.
+
+    Background tone, object position and scale, and a few small distractor
+    marks of other colours are drawn from ``rng``, so images of one colour differ.
+    """
+    bg = tuple(int(v) for v in rng.integers(90, 200, size=3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):  # distractors, small
+        other = COLOURS[str(rng.choice(list(COLOURS)))]
+        x, y = (int(v) for v in rng.integers(0, size - 8, size=2))
+        r = int(rng.integers(3, 7))
+        d.ellipse([x, y, x + r, y + r], fill=other)
+    rgb = np.array(COLOURS[colour]) + rng.integers(-20, 21, size=3)
+    fill = tuple(int(v) for v in np.clip(rgb, 0, 255))
+    s = size * float(rng.uniform(0.55, 0.8))
+    cx, cy = (float(v) for v in rng.uniform(size * 0.35, size * 0.65, size=2))
+    box = [cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    elif shape == "diamond":
+        d.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=fill)
+    elif shape == "stripes":
+        step = max(2, int(s / 6))
+        for k in range(int(box[0]), int(box[2]), 2 * step):
+            d.rectangle([k, box[1], k + step, box[3]], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    angle = float(rng.uniform(-20, 20))
+    if abs(angle) > 1:
+        img = img.rotate(angle, resample=Image.BILINEAR, fillcolor=bg)
+    return img
+
+
+def checkerboard_png(size: int = 16) -> bytes:
+    """A valid tiny PNG used where tests need a known-good image."""
+    arr = ((np.indices((size, size)).sum(0) % 2) * 255).astype(np.uint8)
+    return encode_png(Image.fromarray(arr).convert("RGB"))
+
+

@@ -1,0 +1,167 @@
+"""Scoring with a trained reward model: one code path for validation, test,
+batch scoring and the Python / CLI API.
+
+A checkpoint is a folder with ``model.pt`` ({"model_config", "state_dict",
+"full"}); when ``full`` is false it holds only the trained parameters and the
+rest comes from the ``pretrained`` weights named in ``model_config``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from sr_ray import images, storage
+from sr_ray.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
+
+MODEL_FILE = "model.pt"
+
+
+def pairwise_accuracy(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> tuple[float, int]:
+    """(sum of correct, count): score(pos) > score(neg) counts 1, a tie counts 1/2.
+
+    (The authors' code counts a tie as correct; half is the unbiased choice.)
+    Returns the sum, not the mean, so shards and workers can be added up.
+    """
+    correct = (pos_scores > neg_scores).sum().item() + 0.5 * (pos_scores == neg_scores).sum().item()
+    return float(correct), int(pos_scores.numel())
+
+
+def model_state(model: RewardModel, cfg: ModelConfig, full: bool) -> dict:
+    """What a checkpoint stores: every parameter, or only the trainable ones on top of pretrained weights."""
+    clip = model.clip
+    if full or not cfg.pretrained:
+        state = clip.state_dict()
+        full = True
+    else:
+        state = {k: v for k, v in clip.named_parameters() if v.requires_grad}
+    return {"model_config": cfg.__dict__.copy(), "full": full,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()}}
+
+
+def save_model(path: str | os.PathLike, model: RewardModel, cfg: ModelConfig, full: bool = False) -> None:
+    torch.save(model_state(model, cfg, full), Path(path) / MODEL_FILE)
+
+
+def _local_dir(checkpoint: str) -> str:
+    if not storage.is_s3(checkpoint):
+        return checkpoint
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(checkpoint)
+    tmp = tempfile.mkdtemp(prefix="sr-ray-ckpt-")
+    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp
+
+
+def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[RewardModel, ModelConfig]:
+    """A checkpoint folder (local or s3://) -> (RewardModel in eval mode, its ModelConfig)."""
+    local = Path(_local_dir(str(checkpoint)))
+    f = local / MODEL_FILE if local.is_dir() else local
+    if not f.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {MODEL_FILE} (not an sr-ray reward checkpoint)")
+    blob = torch.load(f, map_location="cpu", weights_only=True)
+    cfg = ModelConfig(**blob["model_config"])
+    clip = build_clip(cfg, load_weights=not blob["full"])
+    missing, unexpected = clip.load_state_dict(blob["state_dict"], strict=blob["full"])
+    if unexpected:
+        raise ValueError(f"{checkpoint}: checkpoint keys not in {cfg.name}: {unexpected[:5]}")
+    model = RewardModel(clip).to(device).eval()
+    return model, cfg
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+class TripletScorer:
+    """Callable class for ``map_batches``: preprocessed triplets -> ``pos_score``, ``neg_score``, ``valid``."""
+
+    def __init__(self, checkpoint: str, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, _ = load_model(checkpoint, self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dev = self.device
+        with _autocast(dev):
+            t, p, n = self.model(torch.as_tensor(batch["tokens"], device=dev),
+                                 torch.as_tensor(batch["pos"], device=dev),
+                                 torch.as_tensor(batch["neg"], device=dev))
+        return {"pos_score": RewardModel.score(t, p).float().cpu().numpy(),
+                "neg_score": RewardModel.score(t, n).float().cpu().numpy(),
+                "valid": np.asarray(batch["valid"])}
+
+
+def evaluate_split(checkpoint: str, info, model_cfg: dict, data_cfg, batch_size: int = 256,
+                   actors: int = 1) -> dict[str, float]:
+    """Pairwise accuracy of a checkpoint on a triplet split, scored with Ray Data."""
+    import ray.data
+
+    from sr_ray.data import triplet_dataset
+
+    ds = triplet_dataset(info, model_cfg, data_cfg).map_batches(
+        TripletScorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=data_cfg.map_num_cpus,
+    )
+    correct = count = bad = 0.0
+    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        v = b["valid"].astype(bool)
+        c, k = pairwise_accuracy(torch.as_tensor(b["pos_score"][v]), torch.as_tensor(b["neg_score"][v]))
+        correct, count, bad = correct + c, count + k, bad + int((~v).sum())
+    return {"pairwise_accuracy": correct / count if count else float("nan"), "triplets": int(count),
+            "bad_rows": int(bad)}
+
+
+
+
+class RewardScorer:
+    """Score (prompt, image) pairs with a trained checkpoint: ``score(prompts, images) -> (N,) float32``.
+
+    >>> scorer = RewardScorer("runs/demo/checkpoint_...")
+    >>> scorer.score("a red cat", ["a.jpg", "b.png"])  # one prompt for all images
+    """
+
+    def __init__(self, checkpoint: str, device: str | None = None, batch_size: int = 64):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.cfg = load_model(checkpoint, self.device)
+        self.transform = image_transform(preprocess_cfg(self.cfg))
+        self.tokenizer = tokenizer(self.cfg)
+        self.batch_size = batch_size
+
+    def _image(self, x):
+        from PIL import Image
+
+        if isinstance(x, Image.Image):
+            return x.convert("RGB")
+        if isinstance(x, (bytes, bytearray)):
+            return images.decode(bytes(x))
+        return images.decode(storage.read_bytes(str(x)))
+
+    @torch.no_grad()
+    def score(self, prompts: str | Sequence[str], imgs: Iterable) -> np.ndarray:
+        imgs = list(imgs)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(imgs)
+        if len(prompts) != len(imgs):
+            raise ValueError(f"{len(prompts)} prompts for {len(imgs)} images")
+        out = []
+        for s in range(0, len(imgs), self.batch_size):
+            ps, xs = prompts[s:s + self.batch_size], imgs[s:s + self.batch_size]
+            uniq = sorted(set(ps))  # each distinct prompt is encoded once
+            with _autocast(self.device):
+                t = self.model.encode_text(self.tokenizer(uniq).to(self.device))
+                pix = torch.stack([self.transform(self._image(x)) for x in xs]).to(self.device)
+                im = self.model.encode_image(pix)
+            idx = torch.tensor([uniq.index(p) for p in ps], device=self.device)
+            out.append(RewardModel.score(t[idx], im).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+

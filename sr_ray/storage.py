@@ -1,0 +1,124 @@
+"""URIs (local paths or ``s3://bucket/key``) to pyarrow filesystems.
+
+One place decides how S3 is reached: the endpoint comes from the explicit
+argument (a job's ``data.s3_endpoint``), else ``AWS_ENDPOINT_URL``; credentials
+and region come the standard AWS way (env vars, shared files, instance role).
+Everything that touches data or run storage goes through :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem; endpoint from the argument or ``AWS_ENDPOINT_URL``."""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    kwargs: dict = {}
+    if endpoint:
+        scheme = "https"
+        host = endpoint
+        if "://" in endpoint:
+            scheme, host = endpoint.split("://", 1)
+        kwargs["endpoint_override"] = host.rstrip("/")
+        kwargs["scheme"] = scheme
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    elif endpoint:
+        kwargs["region"] = "us-east-1"  # S3-compatible servers ignore it; avoids a lookup
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """``uri`` -> (filesystem, path inside it). Local paths are made absolute."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(endpoint), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/key")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return "s3://" + posixpath.join(uri[len("s3://"):].rstrip("/"), *parts)
+    return str(Path(uri).expanduser().joinpath(*parts))
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    fs, path = resolve(uri, endpoint)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, endpoint: str | None = None, fs: pafs.FileSystem | None = None) -> bytes:
+    if fs is None:
+        fs, path = resolve(uri, endpoint)
+    else:
+        path = uri[len("s3://"):] if is_s3(uri) else uri
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
+    """Write atomically on local disk (temp file + rename); S3 puts are atomic."""
+    fs, path = resolve(uri, endpoint)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str, endpoint: str | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), endpoint)
+
+
+def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str | None = None) -> list[str]:
+    """Files under ``uri`` (recursively) whose names end with one of ``suffixes``; sorted paths."""
+    fs, path = resolve(uri, endpoint)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} does not exist")
+    if info.type == pafs.FileType.File:
+        return [path]
+    sel = pafs.FileSelector(path, recursive=True)
+    suffixes = tuple(suffixes)
+    return sorted(
+        i.path for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.File and i.path.endswith(suffixes)
+        and not posixpath.basename(i.path).startswith((".", "_"))
+    )
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint: str | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (no-op when it is the same local path)."""
+    local_dir = Path(local_dir)
+    fs, dest = resolve(uri, endpoint)
+    if isinstance(fs, pafs.LocalFileSystem) and Path(dest) == local_dir.resolve():
+        return
+    fs.create_dir(dest, recursive=True)
+    pafs.copy_files(str(local_dir.resolve()), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)

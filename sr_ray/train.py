@@ -1,0 +1,468 @@
+"""Train the Social Reward model with Ray Train: one explicit loop, one driver.
+
+``train_reward(cfg)`` (the driver) checks the data and config, starts Ray if
+needed, runs a ``TorchTrainer`` over :func:`train_func` (the per-worker loop),
+scores the test split with the best checkpoint, and writes ``summary.json``.
+Re-running with the same ``run.name`` and ``run.storage_path`` resumes from the
+latest checkpoint (Ray Train V2 restores its run state from storage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sr_ray import storage
+from sr_ray.cli import setup_logging
+from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
+from sr_ray.losses import LossConfig, compute_loss
+from sr_ray.model import ModelConfig, RewardModel, build_clip, count_params
+from sr_ray.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
+
+log = logging.getLogger("sr_ray.train")
+
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+FAULT_MARKER = ".fault_injected"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    """Peak learning rate (the authors' code: 3e-5; the paper text says 3e-4)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices; norms, biases and embeddings-as-vectors get none."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    """Linear warmup steps, then cosine decay to ``min_lr_ratio * lr``."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Max global gradient norm (0: off)."""
+    batch_size: int = 32
+    """Global batch (triplets per step over all workers); the paper: 32."""
+    epochs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("optim.lr must be > 0, optim.batch_size and optim.epochs >= 1")
+        if len(self.betas) != 2:
+            raise ValueError("optim.betas must hold two numbers")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Ray Train workers (data-parallel replicas)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; fractional on a small machine so Ray Data keeps a CPU."""
+    gpus_per_worker: float = 1.0
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), bf16, or fp32."""
+    max_failures: int = 2
+    """Worker failures survived by restarting from the latest checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("scaling.precision must be auto, bf16 or fp32")
+
+
+@dataclass
+class RunConfig:
+    name: str = "sr-reward-demo"
+    """Run name; re-running with the same name and storage resumes."""
+    storage_path: str = "./runs"
+    """Local folder or s3://bucket/prefix that holds runs (checkpoints, config, TensorBoard, summary)."""
+    val_every_steps: int = 0
+    """Also validate and checkpoint every N steps (0: once per epoch only)."""
+    log_every_steps: int = 20
+    checkpoints_to_keep: int = 2
+    """Best checkpoints kept by validation accuracy (the latest is always kept too)."""
+    save_full_model: bool = False
+    """Store every weight in checkpoints; by default only trained ones when weights are pretrained."""
+    ray_address: str | None = None
+    """Ray cluster to join (default: the job's cluster, else a new local one)."""
+    fail_at_step: int = 0
+    """Fault injection for recovery tests: rank 0 exits once at this step (0: never)."""
+
+
+@dataclass
+class TrainRewardConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def run_dir(cfg: TrainRewardConfig) -> str:
+    return storage.join(absolute_storage(cfg.run.storage_path), cfg.run.name)
+
+
+def absolute_storage(path: str) -> str:
+    return path if storage.is_s3(path) else str(Path(path).expanduser().resolve())
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _Reducer:
+    """Sums numbers over workers (gloo or nccl); identity with one worker."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def sum(self, *values: float) -> list[float]:
+        if not self.dist:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def _batch_to(batch: dict, device: torch.device):
+    valid = batch["valid"].to(device=device, dtype=torch.bool)
+    return (batch["tokens"].to(device), batch["pos"].to(device), batch["neg"].to(device),
+            batch["prompt_id"].to(device), valid)
+
+
+@torch.no_grad()
+def evaluate(model: RewardModel, shard, cfg: TrainRewardConfig, device, autocast, reducer: _Reducer,
+             per_worker_batch: int) -> dict[str, float]:
+    """Pairwise accuracy (ties count half) and mean loss of ``model`` on a dataset shard, over all workers."""
+    model.eval()
+    correct = count = loss_sum = bad = 0.0
+    for batch in shard.iter_torch_batches(batch_size=per_worker_batch, drop_last=False):
+        tokens, pos, neg, pids, valid = _batch_to(batch, device)
+        bad += float((~valid).sum())
+        if not valid.any():
+            continue
+        with autocast():
+            t, p, n = model(tokens[valid], pos[valid], neg[valid])
+        c, k = pairwise_accuracy(RewardModel.score(t, p), RewardModel.score(t, n))
+        correct, count = correct + c, count + k
+        loss_sum += float(compute_loss(t, p, n, cfg.loss, pids[valid])) * k
+    correct, count, loss_sum, bad = reducer.sum(correct, count, loss_sum, bad)
+    model.train()
+    if count == 0:
+        raise DataError("validation split produced no usable triplets")
+    return {"val_pairwise_accuracy": correct / count, "val_loss": loss_sum / count,
+            "val_triplets": int(count), "val_bad_rows": int(bad)}
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The per-worker training loop (Ray Train). ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    setup_logging()
+    cfg = from_dict(TrainRewardConfig, config["cfg"])
+    steps_per_epoch, rdir = int(config["steps_per_epoch"]), config["run_dir"]
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_worker = cfg.optim.batch_size // world
+    _seed_all(cfg.optim.seed)
+    device = ray.train.torch.get_device()
+    use_bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    model = RewardModel(build_clip(cfg.model))
+    trainable, total = count_params(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: model.unfreeze_vision_blocks and model.unfreeze_text_blocks are both 0")
+    optim = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    step, best_acc = 0, float("-inf")
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            blob = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+            model.clip.load_state_dict(blob["state_dict"], strict=blob["full"])
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, best_acc = state["step"], state["best_val_pairwise_accuracy"]
+        torch.set_rng_state(state["torch_rng"])
+        if rank == 0:
+            log.info("[train] resumed from checkpoint at step %d/%d", step, total_steps)
+    model = ray.train.torch.prepare_model(model)  # device + DDP when world > 1
+    core: RewardModel = model.module if hasattr(model, "module") else model
+    reducer = _Reducer(device)
+
+    writer = None
+    local_tb = None
+    if rank == 0:
+        local_tb = (Path(rdir) / "tensorboard") if not storage.is_s3(rdir) else Path(tempfile.mkdtemp()) / "tensorboard"
+        writer = SummaryWriter(str(local_tb), purge_step=step if step else None)
+        log.info("[train] %d workers, %s, bf16=%s, trainable %d / %d params, %d steps (%d/epoch), global batch %d",
+                 world, device, use_bf16, trainable, total, total_steps, steps_per_epoch, cfg.optim.batch_size)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if "val" in config.get("splits", ["val"]) else None
+    bad = seen = 0.0
+    train_time, wait, done_since_log, window_t0 = 0.0, 0.0, 0, time.perf_counter()
+    steps_at_start = step
+    last_loss = float("nan")
+
+    def report(epoch: int) -> None:
+        nonlocal best_acc
+        nbad, nseen = reducer.sum(bad, seen)
+        metrics: dict[str, Any] = {"step": step, "epoch": epoch, "train_loss": last_loss,
+                                   "bad_rows": int(nbad), "rows_seen": int(nseen),
+                                   # training steps only (data wait included, validation excluded)
+                                   "triplets_per_s": (step - steps_at_start) * cfg.optim.batch_size
+                                   / max(1e-9, train_time)}
+        if val_shard is not None:
+            metrics |= evaluate(core, val_shard, cfg, device, autocast, reducer, per_worker)
+            best_acc = max(best_acc, metrics["val_pairwise_accuracy"])
+        metrics["best_val_pairwise_accuracy"] = best_acc
+        if nseen >= cfg.data.min_rows_for_bad_rate and nbad / nseen > cfg.data.max_bad_row_rate:
+            raise DataError(f"{int(nbad)} of {int(nseen)} training rows ({nbad / nseen:.1%}) had unusable images, "
+                            f"more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}; see the worker log "
+                            f"for the rows skipped")
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_model(tmp, core, cfg.model, full=cfg.run.save_full_model)
+                torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                            "best_val_pairwise_accuracy": best_acc, "torch_rng": torch.get_rng_state()},
+                           Path(tmp) / STATE_FILE)
+                Path(tmp, META_FILE).write_text(json.dumps(metrics, indent=1))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                for k in ("val_pairwise_accuracy", "val_loss"):
+                    if k in metrics:
+                        writer.add_scalar(k.replace("_", "/", 1), metrics[k], step)
+                writer.flush()
+                if local_tb is not None and storage.is_s3(rdir):
+                    storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
+                acc = metrics.get("val_pairwise_accuracy")
+                log.info("[val] step %d  pairwise accuracy %s  val loss %s", step,
+                         f"{acc:.4f}" if acc is not None else "n/a",
+                         f"{metrics['val_loss']:.4f}" if "val_loss" in metrics else "n/a")
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    model.train()
+    for epoch in range(step // steps_per_epoch if steps_per_epoch else 0, cfg.optim.epochs):
+        skip = step - epoch * steps_per_epoch
+        it = iter(train_shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.optim.seed + epoch + 1000 * rank if cfg.data.shuffle_buffer else None))
+        for i in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            wait += time.perf_counter() - t0
+            if batch is None:
+                raise DataError(f"train shard of worker {rank} ran out after {i} of {steps_per_epoch} batches")
+            if i < skip:
+                continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+            tokens, pos, neg, pids, valid = _batch_to(batch, device)
+            bad += float((~valid).sum())
+            seen += float(valid.numel())
+            with autocast():
+                t, p, n = model(tokens, pos, neg)
+            if valid.any():
+                loss = compute_loss(t[valid].float(), p[valid].float(), n[valid].float(), cfg.loss, pids[valid])
+            else:  # keep every parameter in the graph so DDP's all-reduce still lines up
+                loss = (t.sum() + p.sum() + n.sum()) * 0.0
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optim.step()
+            sched.step()
+            step += 1
+            done_since_log += 1
+            last_loss = float(loss.detach())
+            train_time += time.perf_counter() - t0
+            if cfg.run.fail_at_step and step == cfg.run.fail_at_step and rank == 0 \
+                    and not storage.exists(storage.join(rdir, FAULT_MARKER)):
+                storage.write_text(storage.join(rdir, FAULT_MARKER), f"worker killed at step {step}\n")
+                log.warning("[train] fault injection: worker exits at step %d", step)
+                os._exit(1)
+            if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total_steps):
+                dt = time.perf_counter() - window_t0
+                tps = done_since_log * cfg.optim.batch_size / max(dt, 1e-9)
+                lr = sched.get_last_lr()[0]
+                writer.add_scalar("train/loss", last_loss, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/triplets_per_s", tps, step)
+                writer.add_scalar("train/data_wait_fraction", wait / max(dt, 1e-9), step)
+                writer.add_scalar("train/bad_rows", bad, step)
+                log.info("[train] epoch %d/%d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f triplets/s  "
+                         "data wait %.0f%%  bad rows %d  eta %s", epoch + 1, cfg.optim.epochs, step, total_steps,
+                         100 * step / total_steps, last_loss, lr, tps, 100 * wait / max(dt, 1e-9), int(bad),
+                         _fmt_eta((total_steps - step) * dt / max(done_since_log, 1)))
+                wait, done_since_log, window_t0 = 0.0, 0, time.perf_counter()
+            end_of_epoch = i == steps_per_epoch - 1
+            if end_of_epoch or (cfg.run.val_every_steps and step % cfg.run.val_every_steps == 0):
+                report(epoch)
+        del it
+    if writer is not None:
+        writer.close()
+        if local_tb is not None and storage.is_s3(rdir):
+            storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
+
+
+def check_config(cfg: TrainRewardConfig) -> None:
+    """Config checks that need no data: batch split, model name and weights."""
+    import open_clip
+
+    if cfg.optim.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "
+                          f"scaling.num_workers={cfg.scaling.num_workers}")
+    name = cfg.model.name
+    if not name.startswith(("local-dir:", "hf-hub:")) and name not in open_clip.list_models():
+        raise ConfigError(f"model.name={name!r} is not an open_clip architecture (see open_clip.list_models())")
+    pre = cfg.model.pretrained
+    if pre and not storage.is_s3(pre) and not os.path.isfile(pre) and not name.startswith(("local-dir:", "hf-hub:")) \
+            and not open_clip.get_pretrained_cfg(name, pre):
+        raise ConfigError(f"model.pretrained={pre!r} is neither a file nor a pretrained tag of {name} "
+                          f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
+
+
+def _init_ray(cfg: TrainRewardConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.run.ray_address or os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(include_dashboard=False)
+
+
+def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
+    """Run the whole job; returns (and writes as ``summary.json``) the summary dict."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    check_config(cfg)
+    cfg = replace(cfg, data=resolve_splits(cfg.data),
+                  run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path)))
+    infos = preflight(cfg.data)
+    rows = infos["train"].rows
+    per_worker = cfg.optim.batch_size // cfg.scaling.num_workers
+    steps_per_epoch = (rows // cfg.scaling.num_workers) // per_worker
+    if steps_per_epoch < 1:
+        raise DataError(f"data.train has {rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
+    rdir = run_dir(cfg)
+    storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
+    log.info("[train] run dir %s; train %d triplets (%s form), %s", rdir, rows, infos["train"].form,
+             ", ".join(f"{k} {v.rows}" for k, v in infos.items() if k != "train"))
+
+    _init_ray(cfg)
+    model_cfg = to_dict(cfg.model)
+    datasets = {k: triplet_dataset(infos[k], model_cfg, cfg.data) for k in ("train", "val") if k in infos}
+    has_val = "val" in datasets
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    fs = None
+    storage_path = cfg.run.storage_path
+    if storage.is_s3(storage_path):
+        fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": steps_per_epoch, "run_dir": rdir,
+                           "splits": list(datasets)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep,
+                checkpoint_score_attribute="val_pairwise_accuracy" if has_val else None,
+                checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if has_val:
+        best = result.get_best_checkpoint(metric="val_pairwise_accuracy", mode="max")
+        best_metrics = max((m for _, m in result.best_checkpoints), key=lambda m: m["val_pairwise_accuracy"])
+    else:
+        best, best_metrics = result.checkpoint, result.best_checkpoints[-1][1]
+    if best is None:
+        raise RuntimeError(f"training of {rdir} produced no checkpoint")
+    best_uri = f"s3://{best.path}" if fs is not None else best.path
+    last_metrics = result.best_checkpoints[-1][1] if result.best_checkpoints else {}
+    model = build_clip(cfg.model, load_weights=False)
+    trainable, total = count_params(model)
+    summary: dict[str, Any] = {
+        "run_dir": rdir,
+        "checkpoint": best_uri,
+        "val_pairwise_accuracy": best_metrics.get("val_pairwise_accuracy"),
+        "val_loss": best_metrics.get("val_loss"),
+        "best_step": best_metrics.get("step"),
+        "steps": max((m.get("step", 0) for _, m in result.best_checkpoints), default=0),
+        "trainable_params": trainable,
+        "total_params": total,
+        "triplets_per_s": last_metrics.get("triplets_per_s"),
+        "bad_rows": last_metrics.get("bad_rows"),
+        "train_triplets": rows,
+        "loss": cfg.loss.name,
+        "model": cfg.model.name,
+        "wall_s": round(wall, 1),
+    }
+    if "test" in infos:
+        test = evaluate_split(best_uri, infos["test"], model_cfg, cfg.data)
+        summary["test_pairwise_accuracy"] = test["pairwise_accuracy"]
+        summary["test_triplets"] = test["triplets"]
+        summary["test_bad_rows"] = test["bad_rows"]
+    storage.write_text(storage.join(rdir, "summary.json"), json.dumps(summary, indent=1))
+    return summary
