@@ -1,0 +1,87 @@
+"""Shared fixtures: one local Ray cluster per session (2 CPUs, no dashboard), a
+real S3-compatible server (moto) on 127.0.0.1, tiny demo data, small configs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# moto accepts any credentials; set them before Ray starts so every worker inherits them
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so tests can import jobs/ entry points
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1; AWS_ENDPOINT_URL points at it for this process and Ray's workers."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import uuid
+
+    import boto3
+
+    name = f"sr-ray-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("demo-cache"))
+
+
+def small_overrides(tmp_path: Path, demo_cache: str, name: str = "t", train: int = 320, val: int = 64,
+                    test: int = 64, epochs: int = 1) -> list[str]:
+    """CLI overrides for a fast run on the demo data (a few seconds of training)."""
+    return [
+        f"data.demo.cache_dir={demo_cache}", f"data.demo.train={train}", f"data.demo.val={val}",
+        f"data.demo.test={test}", "data.demo.rows_per_shard=160", f"optim.epochs={epochs}",
+        f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "run.log_every_steps=5",
+        "scaling.max_failures=0",
+    ]
+
+
+def load_train_config(overrides: list[str]):
+    from sr_ray.config import load_config
+    from sr_ray.train import TrainRewardConfig
+
+    return load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/demo.yaml", overrides)

@@ -1,0 +1,78 @@
+"""Config: defaults -> YAML -> dotted overrides; unknown keys fail before Ray starts."""
+
+from pathlib import Path
+
+import pytest
+
+from sr_ray.config import ConfigError, load_config, to_dict
+from sr_ray.train import TrainRewardConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(TrainRewardConfig, path)
+    assert to_dict(cfg)
+
+
+def test_paper_yaml_is_the_paper_setting():
+    cfg = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml")
+    assert (cfg.model.name, cfg.model.pretrained) == ("ViT-L-14", "openai")
+    assert (cfg.model.unfreeze_vision_blocks, cfg.model.unfreeze_text_blocks) == (3, 2)
+    assert cfg.loss.name == "triplet" and cfg.optim.batch_size == 32
+
+
+def test_dotted_overrides_and_types():
+    cfg = load_config(TrainRewardConfig, None, [
+        "data.train=s3://b/triplets/train", "data.val=/x/val", "data.test=/x/test", "run.name=r1",
+        "run.storage_path=s3://b/runs", "model.name=ViT-B-32", "optim.lr=3e-4", "optim.epochs=2",
+        "scaling.use_gpu=true", "optim.betas=[0.9, 0.95]", "data.demo.train=10",
+    ])
+    assert cfg.data.train == "s3://b/triplets/train" and cfg.data.test == "/x/test"
+    assert cfg.run.name == "r1" and cfg.run.storage_path == "s3://b/runs" and cfg.model.name == "ViT-B-32"
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.epochs == 2 and cfg.scaling.use_gpu is True and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.data.demo.train == 10
+
+
+@pytest.mark.parametrize("item,match", [
+    ("optim.lrr=1", r"unknown config key optim.lrr \(did you mean optim.lr\?\)"),
+    ("bogus.x=1", "unknown config key bogus"),
+    ("optim.epochs=two", "optim.epochs: expected an integer"),
+    ("scaling.use_gpu=maybe", "scaling.use_gpu: expected true/false"),
+    ("loss.name=hinge", "loss.name='hinge' is not one of"),
+    ("noequals", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(item, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainRewardConfig, None, [item])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nmae: ViT-B-32\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key model.nmae \(did you mean model.name\?\)"):
+        load_config(TrainRewardConfig, bad)
+
+
+def test_job_rejects_unknown_key_before_ray_starts(monkeypatch, capsys):
+    import sr_ray.train
+    from jobs import train_reward  # noqa: F401  (jobs/ is importable from the repo root)
+
+    monkeypatch.setattr(sr_ray.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    with pytest.raises(SystemExit) as e:
+        train_reward.main(["model.nmae=ViT-B-32"])
+    assert e.value.code == 2
+    assert "unknown config key model.nmae" in capsys.readouterr().err
+
+
+def test_job_rejects_bad_data_uri_before_ray_starts(monkeypatch, tmp_path):
+    import sr_ray.train
+    from jobs import train_reward
+
+    monkeypatch.setattr(sr_ray.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    with pytest.raises(SystemExit) as e:
+        train_reward.main([f"data.train={tmp_path}/nope", f"run.storage_path={tmp_path}"])
+    assert "data.train=" in str(e.value.code) and "no such file or folder" in str(e.value.code)

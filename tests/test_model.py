@@ -1,0 +1,93 @@
+"""Freezing: trainable counts worked out by hand from the architectures' widths."""
+
+import pytest
+import torch
+
+from sr_ray.model import ModelConfig, RewardModel, build_clip, count_params, freeze
+
+
+def block(w: int) -> int:
+    """One open_clip residual block of width w, MLP ratio 4: ln_1 + qkv + out_proj + ln_2 + fc + proj."""
+    return 2 * w + (3 * w * w + 3 * w) + (w * w + w) + 2 * w + (4 * w * w + 4 * w) + (4 * w * w + w)
+
+
+def head(w: int, embed: int) -> int:
+    """Final layer norm (weight + bias) and projection w -> embed (no bias)."""
+    return 2 * w + w * embed
+
+
+# (name, vision width, text width, embed dim, vision blocks, text blocks)
+ARCHS = [("sr-tiny", 64, 64, 32, 2, 2), ("sr-tiny-custom", 48, 32, 24, 3, 3)]
+
+
+@pytest.mark.parametrize("name,vw,tw,emb,vb,tb", ARCHS)
+@pytest.mark.parametrize("nv,nt", [(0, 1), (1, 0), (1, 1), (2, 2)])
+def test_trainable_params_are_exactly_the_unfrozen_blocks(name, vw, tw, emb, vb, tb, nv, nt):
+    model = build_clip(ModelConfig(name=name, unfreeze_vision_blocks=nv, unfreeze_text_blocks=nt))
+    expected = (nv * block(vw) + (head(vw, emb) if nv else 0)) + (nt * block(tw) + (head(tw, emb) if nt else 0))
+    trainable, total = count_params(model)
+    assert trainable == expected
+    assert total > trainable
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = build_clip(ModelConfig(name="sr-tiny", unfreeze_vision_blocks=1, unfreeze_text_blocks=1))
+    rm = RewardModel(model)
+    tokens = torch.randint(0, 1000, (2, 16))
+    t, p, n = rm(tokens, torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    ((t - p).pow(2).sum() - (t - n).pow(2).sum()).backward()
+    for name, prm in model.named_parameters():
+        if prm.requires_grad:
+            assert prm.grad is not None, name
+        else:
+            assert prm.grad is None, name
+    assert not model.visual.conv1.weight.requires_grad
+    assert model.visual.transformer.resblocks[-1].mlp.c_fc.weight.requires_grad
+    assert not model.visual.transformer.resblocks[0].mlp.c_fc.weight.requires_grad
+    assert model.visual.proj.requires_grad and model.text_projection.requires_grad
+    assert not model.logit_scale.requires_grad
+
+
+def test_whole_towers_with_minus_one():
+    model = build_clip(ModelConfig(name="sr-tiny", unfreeze_vision_blocks=-1, unfreeze_text_blocks=-1))
+    trainable, total = count_params(model)
+    assert trainable == total - 1  # all but logit_scale, which the reward score never uses
+
+
+def test_too_many_blocks_names_the_key():
+    with pytest.raises(ValueError, match="unfreeze_vision_blocks=5.*only 2 blocks"):
+        build_clip(ModelConfig(name="sr-tiny", unfreeze_vision_blocks=5))
+
+
+def test_unknown_architecture_and_weights_rejected():
+    with pytest.raises(ValueError, match="not an open_clip architecture"):
+        build_clip(ModelConfig(name="ViT-Q-99"))
+    with pytest.raises(ValueError, match="neither a file nor a pretrained tag"):
+        build_clip(ModelConfig(name="sr-tiny", pretrained="laion9b"))
+
+
+def test_weights_from_a_local_file(tmp_path):
+    src = build_clip(ModelConfig(name="sr-tiny"))
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    loaded = build_clip(ModelConfig(name="sr-tiny", pretrained=str(path)))
+    for (k, a), (_, b) in zip(src.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_score_is_cosine_similarity():
+    rm = RewardModel(build_clip(ModelConfig(name="sr-tiny"))).eval()
+    tokens = torch.randint(0, 1000, (3, 16))
+    img = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        t, p, _ = rm(tokens, img, img)
+        raw_t, raw_i = rm.clip.encode_text(tokens), rm.clip.encode_image(img)
+    expected = torch.nn.functional.cosine_similarity(raw_t, raw_i)
+    assert torch.allclose(RewardModel.score(t, p), expected, atol=1e-5)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_freeze_is_idempotent_and_explicit():
+    model = build_clip(ModelConfig(name="sr-tiny", unfreeze_vision_blocks=-1, unfreeze_text_blocks=-1))
+    freeze(model, 0, 1)
+    assert count_params(model)[0] == block(64) + head(64, 32)
