@@ -267,7 +267,7 @@ def triplet_dataset(info: SplitInfo, model_cfg: dict, data_cfg: DataConfig):
 
     fs, _ = storage.resolve(info.uri, data_cfg.s3_endpoint)
     cols = ["prompt", *(PACKED if info.form == "packed" else PATHS)]
-    ds = ray.data.read_parquet(info.files, filesystem=fs, columns=cols)
+    ds = ray.data.read_parquet(info.files, filesystem=fs).select_columns(cols)
     return ds.map_batches(
         TripletPreprocessor(model_cfg, to_dict(data_cfg)),
         batch_format="numpy",

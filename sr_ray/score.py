@@ -101,25 +101,34 @@ class TripletScorer:
 
 
 def evaluate_split(checkpoint: str, info, model_cfg: dict, data_cfg, batch_size: int = 256,
-                   actors: int = 1) -> dict[str, float]:
-    """Pairwise accuracy of a checkpoint on a triplet split, scored with Ray Data."""
+                   actors: int | None = None) -> dict[str, float]:
+    """Pairwise accuracy of a checkpoint on a triplet split, scored over Ray Data.
+
+    ``actors``: size of the scorer actor pool; ``0`` scores in this process (no
+    actor start-up, right for small splits); default: 0 up to 20K triplets, else 2.
+    """
     import ray.data
 
     from sr_ray.data import triplet_dataset
 
-    ds = triplet_dataset(info, model_cfg, data_cfg).map_batches(
-        TripletScorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=data_cfg.map_num_cpus,
-    )
+    if actors is None:
+        actors = 0 if info.rows <= 20_000 else 2
+    ds = triplet_dataset(info, model_cfg, data_cfg)
+    if actors:
+        ds = ds.map_batches(TripletScorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                            num_cpus=data_cfg.map_num_cpus)
+        batches = ds.iter_batches(batch_size=4096, batch_format="numpy")
+    else:
+        scorer = TripletScorer(checkpoint)
+        batches = (scorer(b) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
     correct = count = bad = 0.0
-    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+    for b in batches:
         v = b["valid"].astype(bool)
         c, k = pairwise_accuracy(torch.as_tensor(b["pos_score"][v]), torch.as_tensor(b["neg_score"][v]))
         correct, count, bad = correct + c, count + k, bad + int((~v).sum())
     return {"pairwise_accuracy": correct / count if count else float("nan"), "triplets": int(count),
             "bad_rows": int(bad)}
-
-
 
 
 class RewardScorer:

@@ -221,7 +221,7 @@ def train_func(config: dict[str, Any]) -> None:
                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
-    step, best_acc = 0, float("-inf")
+    step, best_acc, resumed_from = 0, float("-inf"), None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -231,6 +231,7 @@ def train_func(config: dict[str, Any]) -> None:
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best_acc = state["step"], state["best_val_pairwise_accuracy"]
+        resumed_from = step
         torch.set_rng_state(state["torch_rng"])
         if rank == 0:
             log.info("[train] resumed from checkpoint at step %d/%d", step, total_steps)
@@ -265,10 +266,8 @@ def train_func(config: dict[str, Any]) -> None:
             metrics |= evaluate(core, val_shard, cfg, device, autocast, reducer, per_worker)
             best_acc = max(best_acc, metrics["val_pairwise_accuracy"])
         metrics["best_val_pairwise_accuracy"] = best_acc
-        if nseen >= cfg.data.min_rows_for_bad_rate and nbad / nseen > cfg.data.max_bad_row_rate:
-            raise DataError(f"{int(nbad)} of {int(nseen)} training rows ({nbad / nseen:.1%}) had unusable images, "
-                            f"more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}; see the worker log "
-                            f"for the rows skipped")
+        if resumed_from is not None:
+            metrics["resumed_from_step"] = resumed_from
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -308,6 +307,10 @@ def train_func(config: dict[str, Any]) -> None:
             tokens, pos, neg, pids, valid = _batch_to(batch, device)
             bad += float((~valid).sum())
             seen += float(valid.numel())
+            if seen >= cfg.data.min_rows_for_bad_rate and bad / seen > cfg.data.max_bad_row_rate:
+                raise DataError(f"worker {rank}: {int(bad)} of {int(seen)} training rows ({bad / seen:.1%}) had "
+                                f"unusable images, more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}; "
+                                f"the skipped rows are logged above")
             with autocast():
                 t, p, n = model(tokens, pos, neg)
             if valid.any():
@@ -327,6 +330,10 @@ def train_func(config: dict[str, Any]) -> None:
             if cfg.run.fail_at_step and step == cfg.run.fail_at_step and rank == 0 \
                     and not storage.exists(storage.join(rdir, FAULT_MARKER)):
                 storage.write_text(storage.join(rdir, FAULT_MARKER), f"worker killed at step {step}\n")
+                # Ray Train registers a reported checkpoint at the controller's next poll of the
+                # workers (every 2 s by default); a worker that dies sooner loses that report. Wait
+                # past it so the fault models a crash some time after the last checkpoint.
+                time.sleep(5)
                 log.warning("[train] fault injection: worker exits at step %d", step)
                 os._exit(1)
             if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total_steps):
@@ -440,7 +447,7 @@ def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
     if best is None:
         raise RuntimeError(f"training of {rdir} produced no checkpoint")
     best_uri = f"s3://{best.path}" if fs is not None else best.path
-    last_metrics = result.best_checkpoints[-1][1] if result.best_checkpoints else {}
+    last_metrics = result.metrics or {}  # the latest report (every report carries a checkpoint)
     model = build_clip(cfg.model, load_weights=False)
     trainable, total = count_params(model)
     summary: dict[str, Any] = {
@@ -449,11 +456,12 @@ def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
         "val_pairwise_accuracy": best_metrics.get("val_pairwise_accuracy"),
         "val_loss": best_metrics.get("val_loss"),
         "best_step": best_metrics.get("step"),
-        "steps": max((m.get("step", 0) for _, m in result.best_checkpoints), default=0),
+        "steps": last_metrics.get("step"),
         "trainable_params": trainable,
         "total_params": total,
         "triplets_per_s": last_metrics.get("triplets_per_s"),
         "bad_rows": last_metrics.get("bad_rows"),
+        "resumed_from_step": last_metrics.get("resumed_from_step"),
         "train_triplets": rows,
         "loss": cfg.loss.name,
         "model": cfg.model.name,

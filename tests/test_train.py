@@ -1,0 +1,141 @@
+"""End-to-end training on the session's local Ray cluster (2 CPUs)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, load_train_config, small_overrides
+from sr_ray import storage
+from sr_ray.config import load_config
+from sr_ray.demo import DemoConfig, ensure_demo_data, make_triplets
+from sr_ray.train import TrainRewardConfig, train_reward
+
+pytestmark = pytest.mark.slow
+
+
+def tb_tags(run_dir: str) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_demo_learns_and_writes_its_outputs(ray_cluster, tmp_path, demo_cache):
+    cfg = load_train_config(small_overrides(tmp_path, demo_cache, "learn", train=960, val=200, test=200, epochs=2))
+    summary = train_reward(cfg)
+    assert summary["val_pairwise_accuracy"] >= 0.80
+    assert summary["test_pairwise_accuracy"] >= 0.80
+    assert summary["test_triplets"] == 200
+    assert summary["steps"] == 2 * (960 // 32)
+    assert summary["trainable_params"] == summary["total_params"] - 1  # demo trains the whole tiny model
+    assert summary["triplets_per_s"] > 0 and summary["bad_rows"] == 0
+    rdir = summary["run_dir"]
+    assert json.loads(Path(rdir, "summary.json").read_text()) == json.loads(json.dumps(summary))
+    saved = load_config(TrainRewardConfig, Path(rdir) / "config.yaml")
+    assert saved.run.name == "learn" and saved.data.train  # resolved: the demo split's path
+    assert {"train/loss", "train/lr", "val/pairwise_accuracy", "train/triplets_per_s",
+            "train/data_wait_fraction"} <= tb_tags(rdir)
+    assert Path(summary["checkpoint"], "model.pt").is_file()
+
+
+def _upload(local: str, uri: str) -> None:
+    fs, path = storage.resolve(uri)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def test_train_from_s3_to_s3(ray_cluster, tmp_path, demo_cache, s3_bucket):
+    splits = ensure_demo_data(DemoConfig(cache_dir=demo_cache, train=320, val=64, test=64, rows_per_shard=160))
+    for split, local in splits.items():
+        _upload(local, f"s3://{s3_bucket}/triplets/{split}")
+    over = small_overrides(tmp_path, demo_cache, "s3run") + [
+        f"data.{s}=s3://{s3_bucket}/triplets/{s}" for s in ("train", "val", "test")] + [
+        f"run.storage_path=s3://{s3_bucket}/runs"]
+    summary = train_reward(load_train_config(over))
+    assert summary["checkpoint"].startswith(f"s3://{s3_bucket}/runs/s3run/checkpoint_")
+    assert summary["run_dir"] == f"s3://{s3_bucket}/runs/s3run"
+    assert json.loads(storage.read_bytes(f"s3://{s3_bucket}/runs/s3run/summary.json"))["steps"] == 10
+    assert storage.list_files(f"s3://{s3_bucket}/runs/s3run/tensorboard", suffixes=("",))
+    from sr_ray.score import RewardScorer
+
+    img = pq.read_table(splits["test"]).column("pos_image")[0].as_py()
+    assert RewardScorer(summary["checkpoint"], device="cpu").score("a red cat", [img]).shape == (1,)
+
+
+def _paths_form(root: Path, n: int, bad_rows) -> str:
+    cols = make_triplets(n, np.random.default_rng(5), 64, "p")
+    (root / "img").mkdir(parents=True)
+    rows = {"prompt": cols["prompt"], "pos_path": [], "neg_path": []}
+    for i in range(n):
+        for side in ("pos", "neg"):
+            rel = f"img/{i}-{side}.png"
+            (root / rel).write_bytes(b"corrupt!" if i in bad_rows and side == "neg" else cols[f"{side}_image"][i])
+            rows[f"{side}_path"].append(rel)
+    (root / "train").mkdir()
+    pq.write_table(pa.table(rows), root / "train" / "part-0.parquet", row_group_size=64)
+    return str(root / "train")
+
+
+def test_authors_path_form_counts_corrupt_rows(ray_cluster, tmp_path, demo_cache):
+    train = _paths_form(tmp_path / "ds", 192, bad_rows={3, 50, 150})
+    over = small_overrides(tmp_path, demo_cache, "paths") + [
+        f"data.train={train}", f"data.image_root={tmp_path / 'ds'}", "data.val=null", "data.test=null",
+        "data.max_bad_row_rate=0.1"]
+    summary = train_reward(load_train_config(over))
+    assert summary["bad_rows"] == 3
+    assert summary["steps"] == 192 // 32
+    assert summary["val_pairwise_accuracy"] is None and "test_pairwise_accuracy" not in summary
+
+
+def test_too_many_bad_rows_fails_the_job(ray_cluster, tmp_path, demo_cache):
+    # the first 32 rows (the driver's preflight sample) are fine; rows 40..99 are corrupt
+    train = _paths_form(tmp_path / "ds", 160, bad_rows=set(range(40, 100)))
+    over = small_overrides(tmp_path, demo_cache, "bad") + [
+        f"data.train={train}", f"data.image_root={tmp_path / 'ds'}", "data.val=null", "data.test=null",
+        "data.min_rows_for_bad_rate=64", "data.shuffle_buffer=0"]
+    with pytest.raises(Exception, match="more than data.max_bad_row_rate=0.05"):
+        train_reward(load_train_config(over))
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path, demo_cache):
+    over = small_overrides(tmp_path, demo_cache, "fault", train=640) + [
+        "run.val_every_steps=5", "run.fail_at_step=7", "scaling.max_failures=1"]
+    summary = train_reward(load_train_config(over))
+    assert Path(summary["run_dir"], ".fault_injected").is_file()
+    assert summary["resumed_from_step"] == 5
+    assert summary["steps"] == 640 // 32
+
+
+def test_rerun_with_same_name_resumes_after_driver_is_killed(ray_cluster, tmp_path, demo_cache):
+    import ray
+
+    over = small_overrides(tmp_path, demo_cache, "kill", train=960) + ["run.val_every_steps=5"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "jobs/train_reward.py", *over,
+                             f"run.ray_address={ray.get_runtime_context().gcs_address}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run = tmp_path / "runs" / "kill"
+    snapshot = run / "checkpoint_manager_snapshot.json"  # written once the controller registered a checkpoint
+    deadline = time.time() + 240
+    while time.time() < deadline and not snapshot.exists():
+        assert proc.poll() is None, "the job ended before its first checkpoint"
+        time.sleep(0.5)
+    assert snapshot.exists(), "no registered checkpoint within 240 s"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = min(json.loads(p.read_text())["step"] for p in run.glob("checkpoint_*/meta.json"))
+    time.sleep(2)  # let the cluster reclaim the killed driver's workers
+    summary = train_reward(load_train_config(over))
+    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= first
+    assert summary["steps"] == 960 // 32
