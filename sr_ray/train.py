@@ -97,7 +97,7 @@ class RunConfig:
     save_full_model: bool = False
     """Store every weight in checkpoints; by default only trained ones when weights are pretrained."""
     ray_address: str | None = None
-    """Ray cluster to join (default: the job's cluster, else a new local one)."""
+    """Ray cluster to join: an address or ``auto`` (default: RAY_ADDRESS, as set by ``ray job submit``, else a new local cluster)."""
     fail_at_step: int = 0
     """Fault injection for recovery tests: rank 0 exits once at this step (0: never)."""
 
@@ -378,15 +378,22 @@ def check_config(cfg: TrainRewardConfig) -> None:
 
 
 def _init_ray(cfg: TrainRewardConfig) -> None:
+    """Join ``run.ray_address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local cluster.
+
+    Plain ``ray.init()`` would join whatever cluster ``ray start`` last recorded on
+    this machine, and hang for minutes when that cluster is gone; joining an
+    existing cluster is therefore explicit (``run.ray_address=auto`` joins the local one).
+    """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.run.ray_address or os.environ["RAY_ADDRESS"])
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)
 
 
 def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:

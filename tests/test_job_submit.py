@@ -1,0 +1,62 @@
+"""`ray job submit` of the training job to a `ray start --head` on this machine (dashboard, token auth)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, small_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate head node with the dashboard (job server), in its own process group."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=bin_dir + os.pathsep + os.environ["PATH"])
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    proc = subprocess.Popen([str(Path(bin_dir) / "ray"), "start", "--head", f"--port={port}",
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", "--disable-usage-stats", "--block"],
+                            env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2)
+            break
+        except Exception:
+            assert proc.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(1)
+    yield url, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
+    url, env = ray_head
+    over = small_overrides(tmp_path, demo_cache, "submitted")
+    out = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
+                          "python", "jobs/train_reward.py", *over],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    summary = json.loads(lines[-1])
+    assert summary["steps"] == 10 and summary["checkpoint"].startswith(str(tmp_path / "runs" / "submitted"))
+    assert Path(tmp_path, "runs", "submitted", "summary.json").is_file()
