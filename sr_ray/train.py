@@ -192,6 +192,23 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def train_step(model, batch, loss_cfg: LossConfig, optim, params, grad_clip: float, autocast) -> float:
+    """One optimisation step on (tokens, pos, neg, prompt_ids, valid); rows with valid=False are left out. Returns the loss."""
+    tokens, pos, neg, pids, valid = batch
+    with autocast():
+        t, p, n = model(tokens, pos, neg)
+    if valid.any():
+        loss = compute_loss(t[valid].float(), p[valid].float(), n[valid].float(), loss_cfg, pids[valid])
+    else:  # keep every parameter in the graph so DDP's all-reduce still lines up
+        loss = (t.sum() + p.sum() + n.sum()) * 0.0
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optim.step()
+    return float(loss.detach())
+
+
 def train_func(config: dict[str, Any]) -> None:
     """The per-worker training loop (Ray Train). ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
     import ray.train
@@ -311,21 +328,11 @@ def train_func(config: dict[str, Any]) -> None:
                 raise DataError(f"worker {rank}: {int(bad)} of {int(seen)} training rows ({bad / seen:.1%}) had "
                                 f"unusable images, more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}; "
                                 f"the skipped rows are logged above")
-            with autocast():
-                t, p, n = model(tokens, pos, neg)
-            if valid.any():
-                loss = compute_loss(t[valid].float(), p[valid].float(), n[valid].float(), cfg.loss, pids[valid])
-            else:  # keep every parameter in the graph so DDP's all-reduce still lines up
-                loss = (t.sum() + p.sum() + n.sum()) * 0.0
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optim.step()
+            last_loss = train_step(model, (tokens, pos, neg, pids, valid), cfg.loss, optim, params,
+                                   cfg.optim.grad_clip, autocast)
             sched.step()
             step += 1
             done_since_log += 1
-            last_loss = float(loss.detach())
             train_time += time.perf_counter() - t0
             if cfg.run.fail_at_step and step == cfg.run.fail_at_step and rank == 0 \
                     and not storage.exists(storage.join(rdir, FAULT_MARKER)):
