@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,23 +31,23 @@ def ray_head(tmp_path):
                             start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while True:
+        assert time.time() < deadline, "dashboard did not come up in 120 s: " + (tmp_path / "head.log").read_text()[-2000:]
         try:
             urllib.request.urlopen(url + "/api/version", timeout=2)
             break
-        except Exception:
+        except urllib.error.HTTPError:  # 401 under token auth: the server is up
+            break
+        except OSError:
             assert proc.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
             time.sleep(1)
     yield url, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
+    # SIGKILL the whole group (head, raylet, GCS, dashboard): SIGTERM takes ~15 s to wind down
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait(timeout=30)
 
 
 def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
