@@ -105,7 +105,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
     need = cfg.batch_size * (cfg.warmup_steps + cfg.steps)
     if cfg.rows < need:
         raise ValueError(f"rows={cfg.rows} < batch_size * (warmup_steps + steps) = {need}")
-    splits = ensure_demo_data(DemoConfig(train=cfg.rows, val=8, test=8, cache_dir=cfg.cache_dir,
+    splits = ensure_demo_data(DemoConfig(source="synthetic", train=cfg.rows, val=8, test=8, cache_dir=cfg.cache_dir,
                                          rows_per_shard=max(64, cfg.rows // 8)))
     model_cfg = to_dict(cfg.model)
     info = split_info("train", splits["train"], DataConfig())

@@ -30,16 +30,27 @@ STYLES = ("digital art", "watercolor", "oil painting", "pixel art", "3d render",
 
 @dataclass
 class DemoConfig:
+    source: str = "community"
+    """community: simulate a community and curate it (the paper's pipeline in miniature);
+    synthetic: triplets drawn directly (faster; tests and benchmarks)."""
     seed: int = 0
     """Seed of prompts, images and splits."""
+    community_images: int = 40_000
+    """Images of the simulated community (community source)."""
+    max_pairs_per_prompt: int = 0
+    """Curation cap on triplets per prompt (community source; 0: none)."""
     train: int = 2400
-    """Triplets in the train split."""
+    """Triplets in the train split (synthetic source)."""
     val: int = 300
     test: int = 300
     image_size: int = 64
     rows_per_shard: int = 600
     cache_dir: str = "~/.cache/sr-ray/demo"
     """Where generated splits are kept (a folder per parameter set)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("community", "synthetic"):
+            raise ValueError("data.demo.source must be community or synthetic")
 
 
 def _prompt(rng: np.random.Generator) -> tuple[str, str]:
@@ -79,8 +90,15 @@ def write_split(out_dir: Path, cols: dict[str, list], rows_per_shard: int) -> No
 
 
 def ensure_demo_data(cfg: DemoConfig) -> dict[str, str]:
-    """Generate (once) and return ``{"train": dir, "val": dir, "test": dir}``."""
-    key = hashlib.sha1(json.dumps(asdict(cfg) | {"cache_dir": None, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
+    """Generate (once) and return ``{"train": dir, "val": dir, "test": dir}``.
+
+    The community source runs Ray Data: call it with Ray initialised.
+    """
+    if cfg.source == "community":
+        return _community_triplets(cfg)
+    synthetic = {k: v for k, v in asdict(cfg).items() if k not in ("source", "community_images",
+                                                                   "max_pairs_per_prompt")}
+    key = hashlib.sha1(json.dumps(synthetic | {"cache_dir": None, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(os.path.expanduser(cfg.cache_dir)) / f"triplets-{key}"
     splits = {s: str(root / s) for s in ("train", "val", "test")}
     if (root / "_SUCCESS").exists():
@@ -98,3 +116,17 @@ def ensure_demo_data(cfg: DemoConfig) -> dict[str, str]:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return splits
+
+
+def _community_triplets(cfg: DemoConfig) -> dict[str, str]:
+    from sr_ray.community import CommunityConfig
+    from sr_ray.curate import CurateConfig, curate
+
+    summary = curate(CurateConfig(
+        community=CommunityConfig(seed=cfg.seed, images=cfg.community_images, image_size=cfg.image_size),
+        max_pairs_per_prompt=cfg.max_pairs_per_prompt, rows_per_shard=cfg.rows_per_shard, seed=cfg.seed,
+        demo_cache_dir=str(Path(os.path.expanduser(cfg.cache_dir)) / "community")))
+    missing = [s for s in ("train", "val", "test") if s not in summary]
+    if missing:
+        raise RuntimeError(f"the demo community curated to no {missing} triplets; raise data.demo.community_images")
+    return {s: summary[s] for s in ("train", "val", "test")}

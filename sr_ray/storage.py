@@ -71,14 +71,24 @@ def read_bytes(uri: str, endpoint: str | None = None, fs: pafs.FileSystem | None
     if fs is None:
         fs, path = resolve(uri, endpoint)
     else:
-        path = uri[len("s3://"):] if is_s3(uri) else uri
+        path = _path_in(uri, fs)
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
-    """Write atomically on local disk (temp file + rename); S3 puts are atomic."""
-    fs, path = resolve(uri, endpoint)
+def _path_in(uri: str, fs: pafs.FileSystem) -> str:
+    return uri[len("s3://"):] if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None, fs: pafs.FileSystem | None = None) -> None:
+    """Write atomically on local disk (temp file + rename); S3 puts are atomic.
+
+    Pass ``fs`` (from :func:`resolve`) to reuse one filesystem over many writes.
+    """
+    if fs is None:
+        fs, path = resolve(uri, endpoint)
+    else:
+        path = _path_in(uri, fs)
     parent = posixpath.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
@@ -94,6 +104,16 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
 
 def write_text(uri: str, text: str, endpoint: str | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), endpoint)
+
+
+def write_parquet(table, uri: str, endpoint: str | None = None, **kwargs) -> None:
+    """Write a pyarrow Table as one Parquet file, atomically (see :func:`write_bytes`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, **kwargs)
+    write_bytes(uri, buf.getvalue().to_pybytes(), endpoint)
 
 
 def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str | None = None) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 
 from sr_ray import storage
 from sr_ray.cli import setup_logging
+from sr_ray.ray_utils import init_ray
 from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
 from sr_ray.losses import LossConfig, compute_loss
@@ -385,22 +386,8 @@ def check_config(cfg: TrainRewardConfig) -> None:
 
 
 def _init_ray(cfg: TrainRewardConfig) -> None:
-    """Join ``run.ray_address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local cluster.
-
-    Plain ``ray.init()`` would join whatever cluster ``ray start`` last recorded on
-    this machine, and hang for minutes when that cluster is gone; joining an
-    existing cluster is therefore explicit (``run.ray_address=auto`` joins the local one).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False)
+    """Join ``run.ray_address`` or ``RAY_ADDRESS``, else start a local cluster (see :func:`init_ray`)."""
+    init_ray(cfg.run.ray_address)
 
 
 def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
@@ -410,6 +397,8 @@ def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     check_config(cfg)
+    if not cfg.data.train and cfg.data.demo.source == "community":
+        _init_ray(cfg)  # the demo chain curates on Ray Data first
     cfg = replace(cfg, data=resolve_splits(cfg.data),
                   run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path)))
     infos = preflight(cfg.data)

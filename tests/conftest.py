@@ -71,9 +71,9 @@ def demo_cache(tmp_path_factory) -> str:
 
 def small_overrides(tmp_path: Path, demo_cache: str, name: str = "t", train: int = 320, val: int = 64,
                     test: int = 64, epochs: int = 1) -> list[str]:
-    """CLI overrides for a fast run on the demo data (a few seconds of training)."""
+    """CLI overrides for a fast run on synthetic demo triplets (a few seconds of training)."""
     return [
-        f"data.demo.cache_dir={demo_cache}", f"data.demo.train={train}", f"data.demo.val={val}",
+        "data.demo.source=synthetic", f"data.demo.cache_dir={demo_cache}", f"data.demo.train={train}", f"data.demo.val={val}",
         f"data.demo.test={test}", "data.demo.rows_per_shard=160", f"optim.epochs={epochs}",
         f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "run.log_every_steps=5",
         "scaling.max_failures=0",

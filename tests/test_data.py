@@ -101,8 +101,8 @@ def test_s3_packed_split_reads(s3_endpoint, s3_bucket):
 
 
 def test_demo_is_deterministic_and_an_untrained_model_is_near_chance(tmp_path):
-    a = ensure_demo_data(DemoConfig(cache_dir=str(tmp_path / "a"), train=40, val=400, test=10))
-    b = ensure_demo_data(DemoConfig(cache_dir=str(tmp_path / "b"), train=40, val=400, test=10))
+    a = ensure_demo_data(DemoConfig(source="synthetic", cache_dir=str(tmp_path / "a"), train=40, val=400, test=10))
+    b = ensure_demo_data(DemoConfig(source="synthetic", cache_dir=str(tmp_path / "b"), train=40, val=400, test=10))
     ta, tb = pq.read_table(a["val"]), pq.read_table(b["val"])
     assert ta.equals(tb)
     batch = {k: np.array(v, dtype=object) for k, v in ta.to_pydict().items()}

@@ -55,7 +55,7 @@ def _upload(local: str, uri: str) -> None:
 
 
 def test_train_from_s3_to_s3(ray_cluster, tmp_path, demo_cache, s3_bucket):
-    splits = ensure_demo_data(DemoConfig(cache_dir=demo_cache, train=320, val=64, test=64, rows_per_shard=160))
+    splits = ensure_demo_data(DemoConfig(source="synthetic", cache_dir=demo_cache, train=320, val=64, test=64, rows_per_shard=160))
     for split, local in splits.items():
         _upload(local, f"s3://{s3_bucket}/triplets/{split}")
     over = small_overrides(tmp_path, demo_cache, "s3run") + [

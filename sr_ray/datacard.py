@@ -1,0 +1,110 @@
+"""The curation job's record beside its shards: ``datacard.json``, ``REPORT.md`` and
+``distributions.png`` (remix-count and view distributions, threshold marked)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from sr_ray import storage
+from sr_ray.config import to_dict
+
+
+def remix_summary(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """Mean, share never remixed, and quantiles of remix_count from its value counts."""
+    n = int(counts.sum())
+    if n == 0:
+        return {}
+    cum = np.cumsum(counts)
+
+    def q(p):
+        return int(values[np.searchsorted(cum, p * (n - 1), side="right")])
+
+    zero = int(counts[values == 0].sum())
+    return {"images": n, "mean": round(float((values * counts).sum() / n), 4), "share_zero": round(zero / n, 4),
+            "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": int(values.max())}
+
+
+def plot(hist: dict[str, np.ndarray], threshold: float, cutoff: int) -> bytes:
+    """PNG: remix-count distribution (log-log, cutoff marked) and view distributions (threshold marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    v, c = hist["remix_values"], hist["remix_counts"]
+    m = v > 0
+    a.loglog(v[m], c[m], ".", ms=4)
+    a.axvline(cutoff, color="C3", ls="--", label=f"top-fraction cutoff = {cutoff} remixes")
+    a.set_xlabel("remix count")
+    a.set_ylabel("images")
+    a.set_title(f"Remix counts ({int(c[v == 0].sum()):,} images never remixed, not shown)")
+    a.legend()
+    bins = hist["view_bins"]
+    centers = np.sqrt(np.maximum(bins[:-1], 0.5) * bins[1:])
+    for key, label in (("views_hist", "views, all images"), ("zero_remix_views_hist", "views, never remixed"),
+                       ("vbfr_hist", "views before first remix (prompts with a positive)")):
+        h = hist[key]
+        if h.sum():
+            b.step(centers, h, where="mid", label=label)
+    if np.isfinite(threshold):
+        b.axvline(threshold, color="C3", ls="--", label=f"view threshold = {threshold:,.0f}")
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("views")
+    b.set_ylabel("images")
+    b.set_title("Exposure")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    c = summary["counts"]
+    d = c["prompts_dropped"]
+    rs = summary["remix_distribution"]
+    lines = [
+        "# Curated triplets: data card", "",
+        f"Log: `{summary['log']}`  ", f"Output: `{summary['out']}`", "",
+        "| quantity | value |", "| --- | --- |",
+        f"| images in the log | {c['images']:,} |",
+        f"| removed as NSFW | {c['nsfw_removed']:,} |",
+        f"| remix cutoff (top {summary['config']['top_fraction']:.2%}: k = {c['top_k']:,}) | {c['remix_cutoff']:,} |",
+        f"| positives (content only / creator only / both) | {c['positives']:,} "
+        f"({c['positives_content']:,} / {c['positives_creator']:,} / {c['positives_both']:,}) |",
+        f"| view threshold (q = {summary['config']['threshold_quantile']}) | {c['view_threshold']:,.1f} |",
+        f"| negatives | {c['negatives']:,} |",
+        f"| share of positives among images (paper: ~8%) | {c['share_positive']:.2%} |",
+        f"| share of positives among images in triplets | {c['share_positive_of_pos_neg']:.2%} |",
+        f"| prompts | {c['prompts']:,} |",
+        f"| prompts kept | {c['prompts_kept']:,} |",
+        f"| prompts dropped: no positive / nothing but positives / no negative | "
+        f"{d['no_positive']:,} / {d['all_positive']:,} / {d['no_negative']:,} |",
+        f"| pairs before the per-prompt cap | {c['pairs_before_cap']:,} |",
+        f"| bad images (pairs dropped) | {c['bad_images']:,} ({c['dropped_pairs']:,}) |",
+        "", "| split | prompts | triplets |", "| --- | --- | --- |",
+    ]
+    lines += [f"| {s} | {c['prompts_per_split'][s]:,} | {c['triplets'][s]:,} |" for s in ("train", "val", "test")]
+    lines += ["", "Remix counts: " + ", ".join(f"{k} {v}" for k, v in rs.items()), "",
+              "![distributions](distributions.png)", ""]
+    if summary.get("bad_image_examples"):
+        lines += ["## Bad images (first 20)", ""] + [f"- `{u}`: {r}" for u, r in
+                                                      summary["bad_image_examples"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_datacard(out: str, summary: dict, cfg, hist: dict, endpoint: str | None) -> None:
+    """Adds ``remix_distribution`` and ``config`` to ``summary`` and writes the three files under ``out``."""
+    summary["remix_distribution"] = remix_summary(hist["remix_values"], hist["remix_counts"])
+    summary["config"] = to_dict(cfg)
+    storage.write_text(storage.join(out, "datacard.json"), json.dumps(summary, indent=1, default=float), endpoint)
+    storage.write_text(storage.join(out, "REPORT.md"), markdown(summary), endpoint)
+    storage.write_bytes(storage.join(out, "distributions.png"),
+                        plot(hist, summary["counts"]["view_threshold"], summary["counts"]["remix_cutoff"]), endpoint)

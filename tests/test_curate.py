@@ -1,0 +1,228 @@
+"""Curation rules on hand-built logs where the right answer is known, the simulated
+community, the Ray Data job against the pandas reference, S3 in and out, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sr_ray import images
+from sr_ray.community import CommunityConfig, simulate
+from sr_ray.curate import (CurateConfig, check_log, curate, linear_quantile, normalize_prompt, pair_rank,
+                           split_of)
+from sr_ray.curate_reference import curate_pandas
+from sr_ray.data import DataError
+
+
+def _row(prompt, image_id, remix=0, views=10, vbfr=None, infl=False, nsfw=0.0):
+    return {"image_id": image_id, "prompt": prompt, "remix_count": remix, "views": views,
+            "views_before_first_remix": vbfr if remix > 0 else None, "influencer_remix": infl,
+            "nsfw_score": nsfw}
+
+
+def hand_log() -> list[dict]:
+    """100 images. top_fraction=0.05 -> k=5; threshold_quantile=1.0 -> threshold = max vbfr in positive prompts."""
+    r = [
+        # content signal: the 5th largest count is 10; the tie at 10 (T1) is in, 9 (T2) is not
+        _row("top", "A1", remix=50, vbfr=5), _row("top", "A2", remix=40, vbfr=100),
+        _row("top", "A3", remix=30, vbfr=7), _row("top", "N_at", views=100),  # views == threshold: a negative
+        _row("top", "N_below", views=99),  # just below: not a negative
+        _row("top", "N_bad", views=500),  # a negative whose image is corrupt
+        _row("tie", "A4", remix=20, vbfr=3), _row("tie", "T1", remix=10, vbfr=2),
+        _row("tie", "T2", remix=9, vbfr=4), _row("tie", "N_tie", views=1000),
+        _row("tie", "A5", remix=10, vbfr=1),
+        # creator signal alone (1 remix, far below the cutoff)
+        _row("creator", "C1", remix=1, vbfr=50, infl=True), _row("creator", "N_c", views=150),
+        # NSFW: the most remixed image of the log, removed first; its prompt then has no positive
+        _row("nsfw", "X1", remix=10_000, vbfr=1, nsfw=0.9), _row("nsfw", "X2", views=5000),
+        # nothing but positives
+        _row("allpos", "P1", remix=1, vbfr=1, infl=True), _row("allpos", "P2", remix=2, vbfr=1, infl=True),
+        # a positive, but the only zero-remix image is under-exposed
+        _row("noneg", "Q1", remix=1, vbfr=1, infl=True), _row("noneg", "Q2", views=50),
+        _row("noneg", "Q3", remix=1, vbfr=3, views=400),  # remixed: never a negative
+        # 3 positives x 3 negatives = 9 pairs, capped to 4
+        *[_row("cap", f"K{i}", remix=1, vbfr=1, infl=True) for i in range(3)],
+        *[_row("cap", f"M{i}", views=200) for i in range(3)],
+        # a prompt without positive whose big vbfr must not move the threshold
+        _row("nopos", "Z1", remix=3, vbfr=10_000, views=20_000), _row("nopos", "Z2", views=30_000),
+    ]
+    r += [_row(f"filler {i}", f"F{i}", remix=i % 3, vbfr=1, views=5) for i in range(100 - len(r) + 1)]
+    return r  # 101 rows: 100 after the NSFW removal
+
+
+def write_hand_log(tmp: Path, missing_image: str | None = "N_c") -> str:
+    rows = hand_log()
+    img_dir = tmp / "images"
+    img_dir.mkdir(parents=True)
+    for r in rows:
+        r["image_uri"] = str(img_dir / f"{r['image_id']}.png")
+        if r["image_id"] == "N_bad":
+            Path(r["image_uri"]).write_bytes(b"\x89PNG not really")
+        elif r["image_id"] != missing_image:
+            Path(r["image_uri"]).write_bytes(images.checkerboard_png(24))
+    df = pd.DataFrame(rows).astype({"views_before_first_remix": "Int64"})
+    (tmp / "log").mkdir()
+    pq.write_table(pa.Table.from_pandas(df.iloc[:60], preserve_index=False), tmp / "log" / "a.parquet")
+    pq.write_table(pa.Table.from_pandas(df.iloc[60:], preserve_index=False), tmp / "log" / "b.parquet")
+    return str(tmp / "log")
+
+
+HAND_RULES = dict(top_fraction=0.05, threshold_quantile=1.0, max_pairs_per_prompt=4, rows_per_shard=4, seed=3,
+                  max_bad_image_rate=0.5)  # 2 of the 10 images in pairs are bad on purpose
+
+
+def _triplets(out: str, split_col: bool = True) -> set:
+    found = set()
+    for s in ("train", "val", "test"):
+        d = Path(out) / s
+        if d.exists():
+            t = pq.read_table(d).to_pylist()
+            found |= {(r["prompt"], r["pos_id"], r["neg_id"]) + ((s,) if split_col else ()) for r in t}
+    return found
+
+
+def test_rules_on_a_hand_built_log(ray_cluster, tmp_path):
+    out = str(tmp_path / "out")
+    s = curate(CurateConfig(log=write_hand_log(tmp_path), out=out, **HAND_RULES))
+    c = s["counts"]
+    assert c["images"] == 101 and c["nsfw_removed"] == 1 and c["top_k"] == 5
+    assert c["remix_cutoff"] == 10  # ties at 10 both in: A1 A2 A3 A4 T1 A5 = 6 content positives
+    assert c["positives_content"] == 6 and c["positives_creator"] == 7 and c["positives_both"] == 0
+    assert c["view_threshold"] == 100.0  # max vbfr over positive prompts; 'nopos' (10 000) and 'nsfw' excluded
+    # 73 fillers + 'nopos' + 'nsfw' (its positive was removed) have no positive
+    assert c["prompts"] == 81 and c["prompts_kept"] == 4
+    assert c["prompts_dropped"] == {"no_positive": 75, "all_positive": 1, "no_negative": 1}
+    assert c["negatives"] == 7
+    def capped(prompt, pos, neg):  # the cap keeps the 4 pairs of lowest seeded rank
+        return {(prompt, p, n) for _, p, n in sorted((pair_rank(3, p, n), p, n) for p in pos for n in neg)[:4]}
+
+    selected = (capped("top", ["A1", "A2", "A3"], ["N_at", "N_bad"])  # N_below: 99 views < 100
+                | capped("tie", ["A4", "T1", "A5"], ["N_tie"]) | capped("creator", ["C1"], ["N_c"])
+                | capped("cap", ["K0", "K1", "K2"], ["M0", "M1", "M2"]))
+    assert sum(c["triplets_selected"].values()) == len(selected) == 4 + 3 + 1 + 4
+    # N_bad's image is corrupt and N_c's file is missing: their pairs are dropped and counted
+    expected = {t for t in selected if t[2] not in ("N_bad", "N_c")}
+    got = _triplets(out)
+    assert {t[:3] for t in got} == expected
+    assert all(t[3] == split_of(normalize_prompt(t[0]), [0.7, 0.1, 0.2]) for t in got)
+    assert c["bad_images"] == 2 and c["dropped_pairs"] == len(selected) - len(expected) >= 2
+    assert c["pairs_before_cap"] == 3 * 2 + 3 + 1 + 9
+    card = json.loads((Path(out) / "datacard.json").read_text())
+    assert card["counts"] == json.loads(json.dumps(c))
+    assert (Path(out) / "REPORT.md").read_text().startswith("# Curated triplets")
+    assert (Path(out) / "distributions.png").read_bytes()[:4] == b"\x89PNG"
+    # packed images are the fetched bytes
+    row = pq.read_table(Path(out) / [s for s in ("train", "val", "test") if (Path(out) / s).exists()][0]).to_pylist()[0]
+    assert images.decode(row["pos_image"]).size == (24, 24)
+
+
+
+def test_pandas_reference_agrees_on_the_hand_built_log(tmp_path):
+    df = pd.read_parquet(write_hand_log(tmp_path))
+    pairs, c = curate_pandas(df, CurateConfig(**HAND_RULES))
+    assert c["remix_cutoff"] == 10 and c["view_threshold"] == 100.0 and c["prompts_kept"] == 4
+    assert c["prompts_dropped"] == {"no_positive": 75, "all_positive": 1, "no_negative": 1}
+    assert len(pairs) == 12 and c["pairs_before_cap"] == 19 and (pairs.prompt.value_counts() <= 4).all()
+
+
+def test_linear_quantile_from_value_counts_equals_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, 777)
+    v, c = np.unique(x, return_counts=True)
+    for q in (0.0, 0.1, 0.5, 0.99, 1.0):
+        assert linear_quantile(v, c, q) == pytest.approx(np.quantile(x, q))
+
+
+def test_log_with_missing_columns_or_wrong_types_is_named(tmp_path):
+    good = {"image_id": ["a"], "prompt": ["p"], "image_uri": ["u"], "remix_count": [1],
+            "views_before_first_remix": [1], "views": [3], "influencer_remix": [False]}
+    (tmp_path / "l1").mkdir()
+    pq.write_table(pa.table({k: v for k, v in good.items() if k not in ("views", "influencer_remix")}),
+                   tmp_path / "l1" / "x.parquet")
+    with pytest.raises(DataError, match=r"x\.parquet: missing column\(s\) \['views', 'influencer_remix'\]"):
+        check_log(str(tmp_path / "l1"), None)
+    (tmp_path / "l2").mkdir()
+    pq.write_table(pa.table({**good, "remix_count": ["many"]}), tmp_path / "l2" / "y.parquet")
+    with pytest.raises(DataError, match=r"y\.parquet: wrong type\(s\): remix_count is string, expected integer"):
+        check_log(str(tmp_path / "l2"), None)
+    with pytest.raises(DataError, match="l3-missing'.*does not exist"):
+        check_log(str(tmp_path / "l3-missing"), None)
+    (tmp_path / "l4").mkdir()
+    with pytest.raises(DataError, match="l4': no .parquet files"):
+        check_log(str(tmp_path / "l4"), None)
+
+
+def test_simulated_community_is_deterministic_heavy_tailed_and_curates_to_about_8_percent(tmp_path):
+    cfg = CommunityConfig(images=20_000, write_images=False, chunk_images=7000)
+    a = pd.read_parquet(simulate(cfg, str(tmp_path / "a")))
+    b = pd.read_parquet(simulate(cfg, str(tmp_path / "b")))
+    pd.testing.assert_frame_equal(a.drop(columns="image_uri"), b.drop(columns="image_uri"))
+    assert len(a) == 20_000 and a.image_id.is_unique
+    r = a.remix_count
+    assert (r == 0).mean() > 0.5 and r.max() > 20 * r[r > 0].median()  # most never remixed, a few a lot
+    assert 0.001 < (a.nsfw_score >= 0.5).mean() < 0.01 and a.influencer_remix.any()
+    assert a.views_before_first_remix.isna().equals(r == 0)
+    assert (a.views_before_first_remix.dropna() <= a.views[r > 0]).all()
+    _, c = curate_pandas(a, CurateConfig())
+    assert 0.05 < (c["positives_content"] + c["positives_creator"] + c["positives_both"]) / c["images"] < 0.11
+    assert sum(c["triplets"].values()) > 1000
+
+
+def test_ray_job_equals_pandas_reference_on_a_community(ray_cluster, tmp_path):
+    cfg = CommunityConfig(images=6000, write_images=False, chunk_images=3000, seed=5)
+    log = simulate(cfg, str(tmp_path / "community"))
+    rules = dict(max_pairs_per_prompt=3, pack=False, rows_per_shard=300)
+    s = curate(CurateConfig(log=log, out=str(tmp_path / "out"), **rules))
+    ref, c = curate_pandas(pd.read_parquet(log), CurateConfig(**rules))
+    assert len(ref) > 200
+    assert _triplets(s["out"]) == set(zip(ref.prompt, ref.pos_id, ref.neg_id, ref.split))
+    for k in ("remix_cutoff", "view_threshold", "prompts", "prompts_kept", "prompts_dropped", "positives_content",
+              "positives_creator", "positives_both", "pairs_before_cap", "nsfw_removed"):
+        assert s["counts"][k] == c[k], k
+    assert s["counts"]["triplets"] == c["triplets"]
+    # authors' form: the URIs, ready for the training job
+    t = pq.read_table(Path(s["out"]) / "train")
+    assert t.column_names == ["prompt", "pos_id", "neg_id", "pos_path", "neg_path"]
+    # prompt-disjoint splits
+    seen = {}
+    for p, *_, sp in _triplets(s["out"]):
+        assert seen.setdefault(p, sp) == sp
+
+
+def test_rerun_skips_finished_shards_and_other_rules_are_refused(ray_cluster, tmp_path):
+    log = write_hand_log(tmp_path)
+    out = tmp_path / "out"
+    first = curate(CurateConfig(log=log, out=str(out), **HAND_RULES))
+    before = _triplets(str(out))
+    markers = sorted((out / "_shards").glob("*.json"))
+    assert len(markers) >= 3
+    # as if killed before the last shard finished: its marker is gone
+    markers[-1].unlink()
+    again = curate(CurateConfig(log=log, out=str(out), **HAND_RULES))
+    assert _triplets(str(out)) == before and again["counts"]["triplets"] == first["counts"]["triplets"]
+    # the bad-image limit is judged on the finished shards too: 2 of 10 images is too many at 5%
+    with pytest.raises(DataError, match=r"2 of 10 images are unusable \(> max_bad_image_rate=0.05\)"):
+        curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "max_bad_image_rate": 0.05}))
+    with pytest.raises(DataError, match=r"other rules \(differs in \['top_fraction'\]\)"):
+        curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "top_fraction": 0.5}))
+
+
+def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket):
+    comm = f"s3://{s3_bucket}/community"
+    log = simulate(CommunityConfig(images=400, image_size=32, chunk_images=200, seed=2), comm)
+    out = f"s3://{s3_bucket}/triplets"
+    s = curate(CurateConfig(log=log, out=out, top_fraction=0.05, nsfw_classifier="sr_ray.nsfw:ColourShareNSFW",
+                            nsfw_max=0.3, rows_per_shard=50))
+    assert s["counts"]["nsfw_removed"] > 0  # pink-dominated images, as scored by the plugged-in classifier
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="triplets/")["Contents"]]
+    assert "triplets/datacard.json" in keys and "triplets/distributions.png" in keys
+    shards = [k for k in keys if k.startswith("triplets/train/") and k.endswith(".parquet")]
+    assert shards and s["counts"]["triplets"]["train"] > 0
