@@ -645,6 +645,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     summary = {
         "out": out, "log": log_uri, **{f"{s}": storage.join(out, s) for s in SPLITS if written[s]},
         "counts": counts, "shards": len([s for s in shard_stats if s["rows"]]),
+        "resumed_shards": sum(bool(st.get("resumed")) for st in shard_stats),
         "bad_image_examples": dict(list(sorted(bad.items()))[:20]),
         "wall_s": round(wall, 1), "rows_per_s": round(rows / wall, 1),
     }

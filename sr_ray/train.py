@@ -466,6 +466,7 @@ def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
         "bad_rows": last_metrics.get("bad_rows"),
         "resumed_from_step": last_metrics.get("resumed_from_step"),
         "train_triplets": rows,
+        "splits": {k: getattr(cfg.data, k) for k in ("train", "val", "test")},
         "loss": cfg.loss.name,
         "model": cfg.model.name,
         "wall_s": round(wall, 1),

@@ -74,7 +74,7 @@ def write_hand_log(tmp: Path, missing_image: str | None = "N_c") -> str:
 
 
 HAND_RULES = dict(top_fraction=0.05, threshold_quantile=1.0, max_pairs_per_prompt=4, rows_per_shard=4, seed=3,
-                  max_bad_image_rate=0.5)  # 2 of the 10 images in pairs are bad on purpose
+                  max_bad_image_rate=0.5)  # 2 of the 17 images in pairs are bad on purpose
 
 
 def _triplets(out: str, split_col: bool = True) -> set:
@@ -87,9 +87,16 @@ def _triplets(out: str, split_col: bool = True) -> set:
     return found
 
 
-def test_rules_on_a_hand_built_log(ray_cluster, tmp_path):
-    out = str(tmp_path / "out")
-    s = curate(CurateConfig(log=write_hand_log(tmp_path), out=out, **HAND_RULES))
+@pytest.fixture(scope="module")
+def hand_curated(ray_cluster, tmp_path_factory):
+    """(log, out, summary) of the hand-built log curated once with HAND_RULES."""
+    tmp = tmp_path_factory.mktemp("hand")
+    log = write_hand_log(tmp)
+    return log, str(tmp / "out"), curate(CurateConfig(log=log, out=str(tmp / "out"), **HAND_RULES))
+
+
+def test_rules_on_a_hand_built_log(hand_curated):
+    _, out, s = hand_curated
     c = s["counts"]
     assert c["images"] == 101 and c["nsfw_removed"] == 1 and c["top_k"] == 5
     assert c["remix_cutoff"] == 10  # ties at 10 both in: A1 A2 A3 A4 T1 A5 = 6 content positives
@@ -195,19 +202,22 @@ def test_ray_job_equals_pandas_reference_on_a_community(ray_cluster, tmp_path):
         assert seen.setdefault(p, sp) == sp
 
 
-def test_rerun_skips_finished_shards_and_other_rules_are_refused(ray_cluster, tmp_path):
-    log = write_hand_log(tmp_path)
+def test_rerun_skips_finished_shards_and_other_rules_are_refused(hand_curated, tmp_path):
+    import shutil
+
+    log, done, first = hand_curated
     out = tmp_path / "out"
-    first = curate(CurateConfig(log=log, out=str(out), **HAND_RULES))
+    shutil.copytree(done, out)
     before = _triplets(str(out))
     markers = sorted((out / "_shards").glob("*.json"))
     assert len(markers) >= 3
     # as if killed before the last shard finished: its marker is gone
     markers[-1].unlink()
     again = curate(CurateConfig(log=log, out=str(out), **HAND_RULES))
+    assert again["resumed_shards"] == len(markers) - 1  # only the unfinished shard was packed again
     assert _triplets(str(out)) == before and again["counts"]["triplets"] == first["counts"]["triplets"]
-    # the bad-image limit is judged on the finished shards too: 2 of 10 images is too many at 5%
-    with pytest.raises(DataError, match=r"2 of 10 images are unusable \(> max_bad_image_rate=0.05\)"):
+    # the bad-image limit is judged on the finished shards too: 2 of the 17 images in pairs is too many at 5%
+    with pytest.raises(DataError, match=r"2 of 17 images are unusable \(> max_bad_image_rate=0.05\)"):
         curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "max_bad_image_rate": 0.05}))
     with pytest.raises(DataError, match=r"other rules \(differs in \['top_fraction'\]\)"):
         curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "top_fraction": 0.5}))
@@ -215,7 +225,7 @@ def test_rerun_skips_finished_shards_and_other_rules_are_refused(ray_cluster, tm
 
 def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket):
     comm = f"s3://{s3_bucket}/community"
-    log = simulate(CommunityConfig(images=400, image_size=32, chunk_images=200, seed=2), comm)
+    log = simulate(CommunityConfig(images=300, image_size=32, chunk_images=150, seed=2), comm)
     out = f"s3://{s3_bucket}/triplets"
     s = curate(CurateConfig(log=log, out=out, top_fraction=0.05, nsfw_classifier="sr_ray.nsfw:ColourShareNSFW",
                             nsfw_max=0.3, rows_per_shard=50))
