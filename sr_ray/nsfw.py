@@ -40,12 +40,12 @@ class ClipZeroShotNSFW:
                  unsafe: str = "an explicit nsfw image", safe: str = "a safe for work image"):
         import torch
 
-        from sr_ray.model import ModelConfig, build_clip, image_transform, tokenizer
+        from sr_ray.model import ModelConfig, build_clip, image_transform, preprocess_cfg, tokenizer
 
         cfg = ModelConfig(name=model_name, pretrained=pretrained)
         self.torch = torch
         self.model = build_clip(cfg).eval()
-        self.transform, tok = image_transform(self.model), tokenizer(cfg)
+        self.transform, tok = image_transform(preprocess_cfg(cfg)), tokenizer(cfg)
         with torch.no_grad():
             t = self.model.encode_text(tok([unsafe, safe]))
             self.text = t / t.norm(dim=-1, keepdim=True)

@@ -390,8 +390,12 @@ def _init_ray(cfg: TrainRewardConfig) -> None:
     init_ray(cfg.run.ray_address)
 
 
-def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
-    """Run the whole job; returns (and writes as ``summary.json``) the summary dict."""
+def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_test: bool = True) -> dict[str, Any]:
+    """Run the whole job; returns (and writes as ``summary.json``) the summary dict.
+
+    ``callbacks``: Ray Train callbacks (the Tune sweep passes ``TuneReportCallback``);
+    ``score_test``: score the test split with the best checkpoint at the end.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -436,6 +440,7 @@ def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
                 num_to_keep=cfg.run.checkpoints_to_keep,
                 checkpoint_score_attribute="val_pairwise_accuracy" if has_val else None,
                 checkpoint_score_order="max"),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
     )
@@ -471,7 +476,7 @@ def train_reward(cfg: TrainRewardConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "wall_s": round(wall, 1),
     }
-    if "test" in infos:
+    if "test" in infos and score_test:
         test = evaluate_split(best_uri, infos["test"], model_cfg, cfg.data)
         summary["test_pairwise_accuracy"] = test["pairwise_accuracy"]
         summary["test_triplets"] = test["triplets"]

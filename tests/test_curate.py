@@ -236,3 +236,15 @@ def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket)
     assert "triplets/datacard.json" in keys and "triplets/distributions.png" in keys
     shards = [k for k in keys if k.startswith("triplets/train/") and k.endswith(".parquet")]
     assert shards and s["counts"]["triplets"]["train"] > 0
+
+
+def test_clip_zero_shot_nsfw_hook_scores_images_in_unit_interval():
+    from sr_ray.nsfw import ClipZeroShotNSFW, load_classifier
+
+    clf = load_classifier("sr_ray.nsfw:ClipZeroShotNSFW")(model_name="sr-tiny", pretrained=None)
+    assert isinstance(clf, ClipZeroShotNSFW)
+    rng = np.random.default_rng(0)
+    s = clf([images.draw("red", "circle", rng, 32), images.draw("blue", "square", rng, 32)])
+    assert s.shape == (2,) and ((s >= 0) & (s <= 1)).all()
+    with pytest.raises(ValueError, match="expected 'module:Class'"):
+        load_classifier("sr_ray.nsfw.ClipZeroShotNSFW")

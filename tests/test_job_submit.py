@@ -53,9 +53,15 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
     url, env = ray_head
     over = small_overrides(tmp_path, demo_cache, "submitted")
-    out = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
-                          "python", "jobs/train_reward.py", *over],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
+                              "python", "jobs/train_reward.py", *over],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        # the dashboard answers before the node's job agent is up: Ray says to try again later
+        if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     summary = json.loads(lines[-1])
