@@ -230,9 +230,10 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
 
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent_trials,
-                                        search_alg=BasicVariantGenerator(random_state=cfg.seed)),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
+                # the generator itself caps running trials (TuneConfig's cap is not applied to a given search_alg)
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)),
             run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
                                       callbacks=[_tbx_callback()], verbose=1),
         )

@@ -13,8 +13,13 @@ CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads(path):
-    cfg = load_config(TrainRewardConfig, path)
+    from sr_ray.tune import TuneRewardConfig, check_search
+
+    cls = {"train_reward": TrainRewardConfig, "tune_reward": TuneRewardConfig}[path.parent.name]
+    cfg = load_config(cls, path)
     assert to_dict(cfg)
+    if cls is TuneRewardConfig:
+        check_search(cfg)  # every swept key and value is a valid training setting
 
 
 def test_paper_yaml_is_the_paper_setting():
