@@ -24,7 +24,12 @@ def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=bin_dir + os.pathsep + os.environ["PATH"])
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
-    proc = subprocess.Popen([str(Path(bin_dir) / "ray"), "start", "--head", f"--port={port}",
+    # Own ports for every agent: the session's Ray cluster (other tests) already holds the defaults
+    # (e.g. the dashboard agent's 52365), and a head whose agent cannot bind accepts no job.
+    agent_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
+    proc = subprocess.Popen([str(Path(bin_dir) / "ray"), "start", "--head", f"--port={port}", *agent_ports,
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", "--disable-usage-stats", "--block"],
                             env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
