@@ -7,22 +7,12 @@
 The last stdout line is the JSON summary (also in <out>/datacard.json, with REPORT.md and distributions.png).
 """
 
-import sys
-
-from sr_ray.cli import parse_job_args, print_summary, setup_logging
+from sr_ray.cli import run_job
 from sr_ray.curate import CurateConfig, curate
-from sr_ray.data import DataError
 
 
 def main(argv=None) -> dict:
-    setup_logging()
-    cfg = parse_job_args(CurateConfig, argv, None, __doc__)
-    try:
-        summary = curate(cfg)
-    except DataError as e:
-        sys.exit(f"data error: {e}")
-    print_summary(summary)
-    return summary
+    return run_job(CurateConfig, curate, argv, None, __doc__)
 
 
 if __name__ == "__main__":

@@ -6,25 +6,16 @@
 The last stdout line is the JSON summary (also written to <run dir>/summary.json).
 """
 
-import sys
 from pathlib import Path
 
-from sr_ray.cli import parse_job_args, print_summary, setup_logging
-from sr_ray.data import DataError
+from sr_ray.cli import run_job
 from sr_ray.train import TrainRewardConfig, train_reward
 
 DEFAULT = Path(__file__).parent / "configs" / "train_reward" / "demo.yaml"
 
 
 def main(argv=None) -> dict:
-    setup_logging()
-    cfg = parse_job_args(TrainRewardConfig, argv, DEFAULT, __doc__)
-    try:
-        summary = train_reward(cfg)
-    except DataError as e:
-        sys.exit(f"data error: {e}")
-    print_summary(summary)
-    return summary
+    return run_job(TrainRewardConfig, train_reward, argv, DEFAULT, __doc__)
 
 
 if __name__ == "__main__":

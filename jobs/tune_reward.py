@@ -7,25 +7,16 @@ Overrides: sweep keys (num_samples=8, scheduler.name=fifo, name=...) and trainin
 The last stdout line is the JSON summary (also <sweep dir>/summary.json, with results.csv/.md and sweep.png).
 """
 
-import sys
 from pathlib import Path
 
-from sr_ray.cli import parse_job_args, print_summary, setup_logging
-from sr_ray.data import DataError
+from sr_ray.cli import run_job
 from sr_ray.tune import TuneRewardConfig, tune_reward
 
 DEFAULT = Path(__file__).parent / "configs" / "tune_reward" / "demo.yaml"
 
 
 def main(argv=None) -> dict:
-    setup_logging()
-    cfg = parse_job_args(TuneRewardConfig, argv, DEFAULT, __doc__)
-    try:
-        summary = tune_reward(cfg)
-    except DataError as e:
-        sys.exit(f"data error: {e}")
-    print_summary(summary)
-    return summary
+    return run_job(TuneRewardConfig, tune_reward, argv, DEFAULT, __doc__)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,24 @@ def print_summary(summary: dict[str, Any]) -> None:
     """The job's last stdout line: one JSON object."""
     sys.stdout.flush()
     print(json.dumps(summary, default=str), flush=True)
+
+
+def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path | None, doc: str) -> dict[str, Any]:
+    """The whole life of a job script: logging, config, ``fn(cfg)``, the JSON summary as the last line.
+
+    A :class:`~sr_ray.data.DataError` (bad input) ends the job with its message and status 1;
+    a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
+    """
+    from sr_ray.data import DataError
+
+    setup_logging()
+    cfg = parse_job_args(cls, argv, default_config, doc)
+    try:
+        summary = fn(cfg)
+    except DataError as e:
+        sys.exit(f"data error: {e}")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(summary)
+    return summary
