@@ -5,17 +5,18 @@ same rules, on simulated logs of growing size; rows/s, time growth and peak memo
     python jobs/benchmark_curate.py sizes=[20000,50000]     # quick
 """
 
+from sr_ray.cli import run_job
 from sr_ray.benchmark_curate import BenchCurateConfig, bench_curate, format_table
-from sr_ray.cli import parse_job_args, print_summary, setup_logging
+
+
+def _run(cfg: BenchCurateConfig) -> dict:
+    result = bench_curate(cfg)
+    print(format_table(result), flush=True)
+    return result
 
 
 def main(argv=None) -> dict:
-    setup_logging()
-    cfg = parse_job_args(BenchCurateConfig, argv, None, __doc__)
-    result = bench_curate(cfg)
-    print(format_table(result), flush=True)
-    print_summary(result)
-    return result
+    return run_job(BenchCurateConfig, _run, argv, None, __doc__)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,18 @@
     python jobs/benchmark_train.py model.name=ViT-L-14 steps=20 # e.g. on a GPU machine (bf16 autocast)
 """
 
+from sr_ray.cli import run_job
 from sr_ray.benchmark import BenchTrainConfig, bench_train, format_table
-from sr_ray.cli import parse_job_args, print_summary, setup_logging
+
+
+def _run(cfg: BenchTrainConfig) -> dict:
+    result = bench_train(cfg)
+    print(format_table(result), flush=True)
+    return result
 
 
 def main(argv=None) -> dict:
-    setup_logging()
-    cfg = parse_job_args(BenchTrainConfig, argv, None, __doc__)
-    result = bench_train(cfg)
-    print(format_table(result), flush=True)
-    print_summary(result)
-    return result
+    return run_job(BenchTrainConfig, _run, argv, None, __doc__)
 
 
 if __name__ == "__main__":

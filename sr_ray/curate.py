@@ -129,6 +129,12 @@ RULE_KEYS = ("top_fraction", "min_remixes", "threshold_quantile", "nsfw_max", "n
              "min_image_side", "max_image_side")
 
 
+def rules_of(cfg: CurateConfig) -> dict[str, Any]:
+    """The settings that decide an output's content (an out folder is tied to them)."""
+    d = to_dict(cfg)
+    return {k: d[k] for k in RULE_KEYS}
+
+
 # ---------------------------------------------------------------- small pure rules
 
 
@@ -441,7 +447,7 @@ def demo_paths(cfg: CurateConfig) -> tuple[str, str]:
 
     root = str(Path(cfg.demo_cache_dir).expanduser().resolve())
     c = to_dict(cfg.community)
-    rules = {k: to_dict(cfg)[k] for k in RULE_KEYS}
+    rules = rules_of(cfg)
     return (storage.join(root, f"community-{config_hash(c)}"),
             storage.join(root, f"community-{config_hash(c)}", f"triplets-{config_hash(rules)}"))
 
@@ -450,7 +456,7 @@ def _check_out(cfg: CurateConfig, out: str) -> None:
     """An out folder keeps the rules it was curated with; other rules there need ``overwrite``."""
     endpoint = cfg.s3_endpoint
     marker = storage.join(out, "curate_config.json")
-    rules = {k: to_dict(cfg)[k] for k in RULE_KEYS}
+    rules = rules_of(cfg)
     if storage.exists(marker, endpoint):
         old = json.loads(storage.read_bytes(marker, endpoint)).get("rules")
         if old != rules:
@@ -506,7 +512,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     card = storage.join(out, "datacard.json")
     if cfg.log is None and storage.exists(card, endpoint):  # the demo community, already curated
         done = json.loads(storage.read_bytes(card, endpoint))
-        if {k: done["config"].get(k) for k in RULE_KEYS} == {k: to_dict(cfg)[k] for k in RULE_KEYS}:
+        if {k: done["config"].get(k) for k in RULE_KEYS} == rules_of(cfg):
             log.info("[curate] demo triplets cached in %s", out)
             return done
     if cfg.log is not None:

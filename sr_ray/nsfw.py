@@ -78,9 +78,11 @@ class NSFWScorer:
 
     def __call__(self, t: pa.Table) -> pa.Table:
         imgs, idx = [], []
-        for i, u in enumerate(t.column("image_uri").to_pylist()):
+        uris = t.column("image_uri").to_pylist()
+        fs = storage.resolve(uris[0], self.endpoint)[0] if uris else None  # one filesystem per batch
+        for i, u in enumerate(uris):
             try:
-                imgs.append(images.decode(storage.read_bytes(u, self.endpoint)))
+                imgs.append(images.decode(storage.read_bytes(u, fs=fs)))
                 idx.append(i)
             except (images.BadImage, OSError):
                 pass
