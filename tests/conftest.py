@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray cluster per session (2 CPUs, no dashboard), a
+"""Shared fixtures: one local Ray cluster per session (2 CPUs), a
 real S3-compatible server (moto) on 127.0.0.1, tiny demo data, small configs."""
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def s3_endpoint():
 def ray_cluster(s3_endpoint):
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}})
+    from sr_ray.ray_utils import init_ray
+
+    # the jobs' own local start (dashboard on a free port: Train's placement-group cleaner needs its State API)
+    init_ray(num_cpus=2, env_vars={"AWS_ENDPOINT_URL": s3_endpoint}, log_to_driver=True)
     yield ray
     ray.shutdown()
 
