@@ -54,9 +54,13 @@ class TuneRewardConfig:
     """Dotted training key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}."""
     num_samples: int = 1
     """Samples of the random keys; grid keys are crossed with each sample."""
-    max_concurrent_trials: int = 2
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0: as many as fit the cluster now, leaving data_cpus free for Ray Data."""
     trial_cpus: float = 0.5
     """CPUs held by each trial's driver (its Train workers ask for scaling.cpus_per_worker on top)."""
+    data_cpus: float = 1.0
+    """CPUs kept free of trials for Ray Data's read and preprocessing tasks (a read task asks for 1 CPU):
+    with none left, every trial's data pipeline waits for ever."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     name: str = "sr-reward-sweep"
     """Sweep name; re-running with the same name and storage continues an interrupted sweep."""
@@ -67,8 +71,10 @@ class TuneRewardConfig:
     """Seed of the random search."""
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.max_concurrent_trials < 1:
-            raise ValueError("num_samples and max_concurrent_trials must be >= 1")
+        if self.num_samples < 1 or self.max_concurrent_trials < 0:
+            raise ValueError("num_samples must be >= 1 and max_concurrent_trials >= 0 (0: as many as fit)")
+        if self.trial_cpus < 0 or self.data_cpus < 0:
+            raise ValueError("trial_cpus and data_cpus must be >= 0")
 
 
 def sweep_dir(cfg: TuneRewardConfig) -> str:
@@ -127,43 +133,90 @@ def param_space(cfg: TuneRewardConfig) -> dict[str, Any]:
     return space
 
 
-def _trial(config: dict) -> None:
+def _trial(config: dict, base: dict, trials_dir: str) -> None:
     """One Tune trial: the training job with this trial's overrides, reporting to Tune."""
+    import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    overrides = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = trial_config(config["_base"], overrides)
+    from sr_ray.cli import setup_logging
+
+    setup_logging()
+    cfg = trial_config(base, config)
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = replace(cfg, run=replace(cfg.run, name=trial_id, storage_path=config["_trials_dir"], ray_address=None))
+    log.info("[tune] trial %s %s; free in the cluster: %s", trial_id, json.dumps(config),
+             {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")})
+    cfg = replace(cfg, run=replace(cfg.run, name=trial_id, storage_path=trials_dir, ray_address=None))
     from sr_ray.train import train_reward
 
     train_reward(cfg, callbacks=[TuneReportCallback()], score_test=False)
 
 
+def concurrency(cfg: TuneRewardConfig, cluster: dict[str, float]) -> int:
+    """Trials to run at once: ``max_concurrent_trials``, or (0) as many as fit ``cluster`` now.
+
+    A trial holds ``trial_cpus`` plus its Train workers' CPUs (and GPUs); ``data_cpus``
+    stay free for Ray Data. An explicit value above what fits is kept (an autoscaling
+    cluster may grow) but logged, since on a fixed cluster the extra trials only wait.
+    """
+    sc = cfg.train.scaling
+    cpus = cfg.trial_cpus + sc.num_workers * sc.cpus_per_worker
+    fits = int((cluster.get("CPU", 0.0) - cfg.data_cpus + 1e-9) // cpus) if cpus else 1_000_000
+    if sc.use_gpu:
+        fits = min(fits, int(cluster.get("GPU", 0.0) + 1e-9) // max(1, int(sc.num_workers * sc.gpus_per_worker)))
+    if cfg.max_concurrent_trials:
+        if cfg.max_concurrent_trials > fits:
+            log.warning("[tune] max_concurrent_trials=%d but %d fit the cluster now (%s; each trial %.2f CPU, "
+                        "%.2f CPU kept for Ray Data): the others wait for resources", cfg.max_concurrent_trials,
+                        max(fits, 0), {k: cluster.get(k, 0) for k in ("CPU", "GPU")}, cpus, cfg.data_cpus)
+        return cfg.max_concurrent_trials
+    if fits < 1:
+        raise ConfigError(f"no trial fits the cluster ({ {k: cluster.get(k, 0) for k in ('CPU', 'GPU')} }): a trial "
+                          f"needs {cpus:.2f} CPU (trial_cpus + scaling.num_workers x scaling.cpus_per_worker) and "
+                          f"data_cpus={cfg.data_cpus} stay free for Ray Data; lower them or use a bigger cluster")
+    return fits
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def _plot(rows: list[dict], keys: list[str]) -> bytes:
+    """One panel per swept key (loss and unfrozen blocks first): each trial's best val accuracy.
+
+    Categorical keys get a column per value with a bar at the best trial; numeric keys
+    a scatter (log axis when they span a decade). Hollow markers: trials ASHA stopped early.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [k for k in ("loss.name", "model.unfreeze_vision_blocks", "model.unfreeze_text_blocks") if k in keys]
-    panels += [k for k in keys if k not in panels][: max(0, 3 - len(panels))]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.8), squeeze=False)
+    panels += [k for k in keys if k not in panels][: max(0, 4 - len(panels))]
+    done = [r for r in rows if r.get(METRIC) is not None]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.8), squeeze=False)
     for ax, k in zip(axes[0], panels):
-        groups: dict[str, list[float]] = {}
-        for r in rows:
-            if r.get(METRIC) is not None:
-                groups.setdefault(str(r[k]), []).append(r[METRIC])
-        names = sorted(groups, key=lambda g: (len(g), g))
-        for i, g in enumerate(names):
-            ax.scatter([i] * len(groups[g]), groups[g], alpha=0.7)
-            ax.hlines(max(groups[g]), i - 0.3, i + 0.3, color="k")
-        ax.set_xticks(range(len(names)), names, rotation=30)
+        values = [r[k] for r in done]
+        numeric = all(isinstance(v, float) for v in values) and len(set(values)) > 1
+        if numeric:
+            xs = values
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:
+                ax.set_xscale("log")
+        else:
+            names = sorted({str(v) for v in values}, key=lambda g: (len(g), g))
+            pos = {g: i for i, g in enumerate(names)}
+            xs = [pos[str(v)] for v in values]
+            for g, i in pos.items():
+                ax.hlines(max(r[METRIC] for r in done if str(r[k]) == g), i - 0.3, i + 0.3, color="k")
+            ax.set_xticks(range(len(names)), names, rotation=20)
+        for x, r in zip(xs, done):
+            early = r["status"] == "stopped early"
+            ax.scatter([x], [r[METRIC]], s=36, facecolors="none" if early else "C0", edgecolors="C0")
         ax.set_xlabel(k)
-        ax.set_ylabel("val pairwise accuracy")
+        ax.set_ylabel("best val pairwise accuracy")
         ax.axhline(0.5, color="grey", ls=":")
-    fig.suptitle("Sweep: validation pairwise accuracy per trial (bar: best)")
+    fig.suptitle("Sweep: best validation pairwise accuracy per trial (hollow: stopped early by ASHA)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -181,7 +234,7 @@ def _markdown(rows: list[dict], keys: list[str], summary: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         acc = r.get(METRIC)
-        lines.append("| " + " | ".join([str(r["rank"]), r["trial_id"], *[str(r[k]) for k in keys],
+        lines.append("| " + " | ".join([str(r["rank"]), r["trial_id"], *[_fmt(r[k]) for k in keys],
                                          f"{acc:.4f}" if acc is not None else "-", str(r["validations"]),
                                          r["status"]]) + " |")
     return "\n".join(lines) + "\n"
@@ -209,15 +262,19 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     if "val" not in infos:
         raise ConfigError("a sweep needs data.val: trials are ranked and stopped on validation accuracy")
     init_ray(cfg.train.run.ray_address)
+    at_once = concurrency(cfg, ray.cluster_resources())
+    log.info("[tune] %s: %d trial(s) at a time, each %.2f CPU (+%.2f per Train worker x %d)", sdir, at_once,
+             cfg.trial_cpus, cfg.train.scaling.cpus_per_worker, cfg.train.scaling.num_workers)
     storage.write_text(storage.join(sdir, "sweep_config.json"), json.dumps(to_dict(cfg), indent=1))
 
     base = to_dict(train)
     trials_dir = storage.join(sdir, "trials")
-    space = {**param_space(cfg), "_base": base, "_trials_dir": trials_dir}
+    space = param_space(cfg)
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=cfg.scheduler.grace_period,
                                reduction_factor=cfg.scheduler.reduction_factor, max_t=cfg.scheduler.max_t)
                  if cfg.scheduler.name == "asha" else FIFOScheduler())
-    trainable = tune.with_resources(_trial, {"CPU": cfg.trial_cpus})
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, trials_dir=trials_dir),
+                                    {"CPU": cfg.trial_cpus})
     # Tune keeps its experiment state in <sweep dir>/tune (local or S3)
     fs, root = storage.resolve(sdir, train.data.s3_endpoint) if storage.is_s3(sdir) else (None, sdir)
     exp = f"{root}/tune"
@@ -233,7 +290,7 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
                 # the generator itself caps running trials (TuneConfig's cap is not applied to a given search_alg)
-                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)),
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=at_once)),
             run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
                                       callbacks=[_tbx_callback()], verbose=1),
         )
@@ -245,15 +302,11 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(str(r.path).rstrip("/"))
         hist = r.metrics_dataframe
         best_acc = float(hist[METRIC].max()) if hist is not None and METRIC in hist else None
-        best_ckpt = None
-        if hist is not None and METRIC in hist and "checkpoint_path" in hist:
-            best_ckpt = hist.loc[hist[METRIC].idxmax(), "checkpoint_path"]
+        best_ckpt = _best_checkpoint(hist, train.data.s3_endpoint)
         rows.append({"trial_id": trial_id,
                      **{k: (r.config or {}).get(k) for k in keys}, METRIC: best_acc,
                      "validations": 0 if hist is None else len(hist),
-                     "status": "error" if r.error else ("stopped early" if hist is not None and len(hist) and
-                                                         len(hist) < _expected_validations(train, r.config, keys)
-                                                         else "finished"),
+                     "status": _status(r, hist, _expected_steps(train, r.config, keys, infos["train"].rows)),
                      "checkpoint": best_ckpt})
     rows.sort(key=lambda r: -1 if r[METRIC] is None else r[METRIC], reverse=True)
     for i, r in enumerate(rows, 1):
@@ -262,11 +315,13 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     if best is None:
         raise RuntimeError(f"no trial of {sdir} reported a validation accuracy; see the trial logs in {trials_dir}")
     summary: dict[str, Any] = {
-        "name": cfg.name, "sweep_dir": sdir, "trials": len(rows),
+        "name": cfg.name, "sweep_dir": sdir,
         "best_config": {k: best[k] for k in keys}, "best_val_pairwise_accuracy": best[METRIC],
         "best_checkpoint": best["checkpoint"], "best_trial": best["trial_id"],
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
         "errored": sum(r["status"] == "error" for r in rows),
+        "trials": [{"trial_id": r["trial_id"], "config": {k: r[k] for k in keys}, METRIC: r[METRIC],
+                    "validations": r["validations"], "status": r["status"]} for r in rows],
     }
     if "test" in infos and best["checkpoint"]:
         best_model = trial_config(base, summary["best_config"]).model
@@ -277,12 +332,33 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     return summary
 
 
-def _expected_validations(train: TrainRewardConfig, config: dict | None, keys: list[str]) -> int:
-    """Validations a trial makes when it runs to the end (one per epoch unless validating every N steps)."""
-    cfg = trial_config(to_dict(train), {k: (config or {}).get(k) for k in keys if k in (config or {})})
-    if cfg.run.val_every_steps:
-        return 0  # unknown without the step count; never call such a trial stopped early
-    return cfg.optim.epochs
+def _best_checkpoint(hist, endpoint: str | None) -> str | None:
+    """The checkpoint of the trial's best validation that is still there.
+
+    Train keeps ``run.checkpoints_to_keep`` checkpoints by val accuracy; of equal
+    scores it keeps the newest, so ties are tried newest first.
+    """
+    if hist is None or METRIC not in hist or "checkpoint_path" not in hist:
+        return None
+    ranked = hist.sort_values([METRIC, "step"] if "step" in hist else [METRIC], ascending=False)
+    for path in ranked["checkpoint_path"].dropna():
+        if storage.exists(str(path), endpoint):
+            return str(path)
+    return None
+
+
+def _status(result, hist, expected_steps: int) -> str:
+    if result.error:
+        return "error"
+    last_step = int(hist["step"].max()) if hist is not None and "step" in hist and len(hist) else 0
+    return "finished" if last_step >= expected_steps else "stopped early"
+
+
+def _expected_steps(train: TrainRewardConfig, config: dict | None, keys: list[str], rows: int) -> int:
+    """Optimizer steps a trial makes when it runs to the end (the training job's own arithmetic)."""
+    cfg = trial_config(to_dict(train), {k: (config or {})[k] for k in keys if k in (config or {})})
+    nw = cfg.scaling.num_workers
+    return (rows // nw) // (cfg.optim.batch_size // nw) * cfg.optim.epochs
 
 
 def _tbx_callback():
