@@ -66,7 +66,7 @@ class TuneRewardConfig:
     """Sweep name; re-running with the same name and storage continues an interrupted sweep."""
     storage_path: str = "./runs"
     resume: bool = True
-    """Continue an interrupted sweep of the same name (finished trials are not rerun)."""
+    """Continue an interrupted sweep of the same name (finished trials are not rerun); false: refuse to touch it."""
     seed: int = 0
     """Seed of the random search."""
 
@@ -278,7 +278,11 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     # Tune keeps its experiment state in <sweep dir>/tune (local or S3)
     fs, root = storage.resolve(sdir, train.data.s3_endpoint) if storage.is_s3(sdir) else (None, sdir)
     exp = f"{root}/tune"
-    if cfg.resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
+    restorable = tune.Tuner.can_restore(exp, storage_filesystem=fs)
+    if restorable and not cfg.resume:
+        raise ConfigError(f"{sdir} already holds a sweep named {cfg.name!r}: resume=true continues it; "
+                          f"give another name to start a new one")
+    if restorable:
         log.info("[tune] continuing the sweep in %s (finished trials are kept)", sdir)
         tuner = tune.Tuner.restore(exp, trainable=trainable, param_space=space, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)

@@ -84,7 +84,7 @@ def test_shipped_paper_sweep_is_table7_over_the_paper_training_job():
     assert to_dict(sweep.train) == train  # the trials train exactly the paper's reward job
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~5 min on 2 cores: run by .ci/run after the default suite
 def test_sweep_ranks_every_trial_and_asha_stops_the_hopeless(ray_cluster, tmp_path, demo_cache, capsys):
     """4 trials, two at a time on 2 CPUs; the two near-zero learning rates are stopped after one epoch."""
     from jobs.tune_reward import main
