@@ -118,7 +118,14 @@ def run_dir(cfg: TrainRewardConfig) -> str:
 
 
 def absolute_storage(path: str) -> str:
-    return path if storage.is_s3(path) else str(Path(path).expanduser().resolve())
+    """``path`` made absolute; a relative path inside a ``ray job submit --working-dir`` copy is flagged."""
+    if storage.is_s3(path):
+        return path
+    out = str(Path(path).expanduser().resolve())
+    if "/runtime_resources/working_dir_files/" in out:
+        log.warning("storage path %r resolves into Ray's copy of the job's working dir (%s), which Ray deletes "
+                    "with the job's files: pass an absolute path or s3:// to keep the results", path, out)
+    return out
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -120,16 +120,26 @@ def check_search(cfg: TuneRewardConfig) -> None:
                 raise ConfigError(f"search.{key}: {e}") from None
 
 
+def _typed(base: dict, key: str, value: Any) -> Any:
+    """``value`` as the training config's field ``key`` holds it (YAML reads ``1e-3`` as a string)."""
+    node: Any = trial_config(base, {key: value})
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
 def param_space(cfg: TuneRewardConfig) -> dict[str, Any]:
     from ray import tune
 
+    base = to_dict(cfg.train)
     space = {}
     for key, spec in cfg.search.items():
         kind, v = next(iter(spec.items()))
+        v = [_typed(base, key, x) for x in v]
         space[key] = {"grid": lambda: tune.grid_search(v), "choice": lambda: tune.choice(v),
-                      "uniform": lambda: tune.uniform(float(v[0]), float(v[1])),
-                      "loguniform": lambda: tune.loguniform(float(v[0]), float(v[1])),
-                      "randint": lambda: tune.randint(int(v[0]), int(v[1]) + 1)}[kind]()
+                      "uniform": lambda: tune.uniform(v[0], v[1]),
+                      "loguniform": lambda: tune.loguniform(v[0], v[1]),
+                      "randint": lambda: tune.randint(v[0], v[1] + 1)}[kind]()
     return space
 
 

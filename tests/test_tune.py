@@ -170,3 +170,14 @@ def test_best_checkpoint_is_one_that_train_kept(tmp_path):
                          "checkpoint_path": [str(tmp_path / "checkpoint_1"), str(kept), str(tmp_path / "c3")]})
     assert _best_checkpoint(hist, None) == str(kept)
     assert _best_checkpoint(hist.drop(columns="checkpoint_path"), None) is None
+
+
+def test_swept_values_take_the_training_fields_types():
+    """YAML reads 1e-3 as a string; the trials, table and plot must see the float the training job uses."""
+    from sr_ray.tune import param_space
+
+    cfg = load_tune_config(["search=" + json.dumps({"optim.lr": {"grid": ["2e-3", "1e-7"]},
+                                                     "model.unfreeze_text_blocks": {"choice": ["1", 2]}})])
+    space = param_space(cfg)
+    assert space["optim.lr"] == {"grid_search": [2e-3, 1e-7]}
+    assert space["model.unfreeze_text_blocks"].categories == [1, 2]
