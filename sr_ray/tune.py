@@ -316,7 +316,7 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(str(r.path).rstrip("/"))
         hist = r.metrics_dataframe
         best_acc = float(hist[METRIC].max()) if hist is not None and METRIC in hist else None
-        best_ckpt = _best_checkpoint(hist, train.data.s3_endpoint)
+        best_ckpt = _best_checkpoint(hist, train.data.s3_endpoint, storage.is_s3(sdir))
         rows.append({"trial_id": trial_id,
                      **{k: (r.config or {}).get(k) for k in keys}, METRIC: best_acc,
                      "validations": 0 if hist is None else len(hist),
@@ -346,18 +346,20 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     return summary
 
 
-def _best_checkpoint(hist, endpoint: str | None) -> str | None:
-    """The checkpoint of the trial's best validation that is still there.
+def _best_checkpoint(hist, endpoint: str | None, s3: bool = False) -> str | None:
+    """The URI of the checkpoint of the trial's best validation that is still there.
 
     Train keeps ``run.checkpoints_to_keep`` checkpoints by val accuracy; of equal
-    scores it keeps the newest, so ties are tried newest first.
+    scores it keeps the newest, so ties are tried newest first. On S3 the reported
+    path is ``bucket/key`` (the filesystem's own form); the URI gets ``s3://`` back.
     """
     if hist is None or METRIC not in hist or "checkpoint_path" not in hist:
         return None
     ranked = hist.sort_values([METRIC, "step"] if "step" in hist else [METRIC], ascending=False)
     for path in ranked["checkpoint_path"].dropna():
-        if storage.exists(str(path), endpoint):
-            return str(path)
+        uri = f"s3://{path}" if s3 and "://" not in str(path) else str(path)
+        if storage.exists(uri, endpoint):
+            return uri
     return None
 
 

@@ -181,3 +181,16 @@ def test_swept_values_take_the_training_fields_types():
     space = param_space(cfg)
     assert space["optim.lr"] == {"grid_search": [2e-3, 1e-7]}
     assert space["model.unfreeze_text_blocks"].categories == [1, 2]
+
+
+def test_best_checkpoint_on_s3_gets_its_scheme_back(s3_endpoint, s3_bucket):
+    """Tune reports an S3 checkpoint as bucket/key; the summary needs an s3:// URI that scoring can open."""
+    import pandas as pd
+
+    from sr_ray import storage
+    from sr_ray.tune import _best_checkpoint
+
+    storage.write_bytes(f"s3://{s3_bucket}/trials/t1/checkpoint_b/model.pt", b"x", s3_endpoint)
+    hist = pd.DataFrame({"step": [5, 10], "val_pairwise_accuracy": [0.7, 0.8],
+                         "checkpoint_path": [f"{s3_bucket}/trials/t1/checkpoint_a", f"{s3_bucket}/trials/t1/checkpoint_b"]})
+    assert _best_checkpoint(hist, s3_endpoint, s3=True) == f"s3://{s3_bucket}/trials/t1/checkpoint_b"
