@@ -130,3 +130,69 @@ def _community_triplets(cfg: DemoConfig) -> dict[str, str]:
     if missing:
         raise RuntimeError(f"the demo community curated to no {missing} triplets; raise data.demo.community_images")
     return {s: summary[s] for s in ("train", "val", "test")}
+
+
+GENERATIONS_DEFAULTS = {"prompts": 200, "images_per_prompt": 4, "image_size": 64, "seed": 0, "bad_rows": 3,
+                        "rows_per_file": 200, "cache_dir": "~/.cache/sr-ray/demo"}
+
+
+def make_generations(prompts: int, images_per_prompt: int, image_size: int, seed: int,
+                     bad_rows: int) -> dict[str, list]:
+    """Demo user generations: several images per prompt, of which some have the colour the prompt names.
+
+    The demo reward model prefers those, so per prompt there is a clear best and
+    worst. The last ``bad_rows`` rows are unusable on purpose (corrupt bytes,
+    an empty prompt) so the scoring job's rejects file is exercised too.
+    """
+    rng = np.random.default_rng(seed)
+    colours = list(images.COLOURS)
+    cols: dict[str, list] = {"generation_id": [], "prompt": [], "image": [], "user_id": []}
+    for i in range(prompts):
+        prompt, colour = _prompt(rng)
+        for j in range(images_per_prompt):
+            c = colour if j == 0 or rng.random() < 0.25 else str(rng.choice([x for x in colours if x != colour]))
+            img = images.draw(c, str(rng.choice(images.SHAPES)), rng, image_size)
+            cols["generation_id"].append(f"gen-{i:06d}-{j:02d}")
+            cols["prompt"].append(prompt)
+            cols["image"].append(images.encode_png(img))
+            cols["user_id"].append(f"user-{int(rng.integers(0, 50)):03d}")
+    for k in range(bad_rows):
+        cols["generation_id"].append(f"gen-bad-{k:03d}")
+        cols["prompt"].append("" if k % 3 == 2 else f"a red cat, photo #{k}")
+        cols["image"].append(b"not an image" if k % 3 == 0 else (b"\x89PNG\r\n\x1a\n" + b"\0" * 40 if k % 3 == 1
+                                                                  else images.encode_png(images.draw(
+                                                                      "red", "circle", rng, image_size))))
+        cols["user_id"].append("user-bad")
+    return cols
+
+
+def ensure_demo_generations(overrides: dict | None = None) -> str:
+    """Write (once, cached by parameters) the demo generation set; returns its folder."""
+    p = {**GENERATIONS_DEFAULTS, **(overrides or {})}
+    unknown = set(p) - set(GENERATIONS_DEFAULTS)
+    if unknown:
+        from sr_ray.config import ConfigError
+
+        raise ConfigError(f"demo: unknown key(s) {sorted(unknown)}; valid: {sorted(GENERATIONS_DEFAULTS)}")
+    key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1},
+                                  sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(os.path.expanduser(p["cache_dir"])) / f"generations-{key}"
+    if (root / "_SUCCESS").exists():
+        return str(root)
+    log.info("writing demo generations to %s", root)
+    cols = make_generations(int(p["prompts"]), int(p["images_per_prompt"]), int(p["image_size"]), int(p["seed"]),
+                            int(p["bad_rows"]))
+    table = pa.table(cols)
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    step = int(p["rows_per_file"])
+    for k, start in enumerate(range(0, len(table), step)):
+        pq.write_table(table.slice(start, step), tmp / f"generations-{k:05d}.parquet", row_group_size=64)
+    (tmp / "_SUCCESS").write_text(json.dumps(p))
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(root)
