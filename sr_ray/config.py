@@ -138,7 +138,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node = tree
     for part in path[:-1]:
         child = node.get(part)
@@ -181,7 +181,7 @@ def load_config(
         tree = _deep_merge(tree, loaded)
     for item in overrides:
         path_parts, value = parse_override(item)
-        _set_dotted(tree, path_parts, value)
+        set_dotted(tree, path_parts, value)
     return from_dict(cls, tree)
 
 

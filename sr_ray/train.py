@@ -128,6 +128,12 @@ def absolute_storage(path: str) -> str:
     return out
 
 
+def steps_per_epoch(cfg: TrainRewardConfig, rows: int) -> int:
+    """Optimizer steps per epoch over ``rows`` training triplets (each worker reads an equal share)."""
+    nw = cfg.scaling.num_workers
+    return (rows // nw) // (cfg.optim.batch_size // nw)
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -414,9 +420,8 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
                   run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path)))
     infos = preflight(cfg.data)
     rows = infos["train"].rows
-    per_worker = cfg.optim.batch_size // cfg.scaling.num_workers
-    steps_per_epoch = (rows // cfg.scaling.num_workers) // per_worker
-    if steps_per_epoch < 1:
+    steps = steps_per_epoch(cfg, rows)
+    if steps < 1:
         raise DataError(f"data.train has {rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
     rdir = run_dir(cfg)
     storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
@@ -436,7 +441,7 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
         fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": steps_per_epoch, "run_dir": rdir,
+        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": steps, "run_dir": rdir,
                            "splits": list(datasets)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
@@ -461,7 +466,7 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
         best, best_metrics = result.checkpoint, result.best_checkpoints[-1][1]
     if best is None:
         raise RuntimeError(f"training of {rdir} produced no checkpoint")
-    best_uri = f"s3://{best.path}" if fs is not None else best.path
+    best_uri = storage.to_uri(best.path, fs is not None)
     last_metrics = result.metrics or {}  # the latest report (every report carries a checkpoint)
     model = build_clip(cfg.model, load_weights=False)
     trainable, total = count_params(model)

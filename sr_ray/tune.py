@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sr_ray import storage
-from sr_ray.config import ConfigError, from_dict, to_dict
-from sr_ray.train import TrainRewardConfig, absolute_storage
+from sr_ray.config import ConfigError, from_dict, set_dotted, to_dict
+from sr_ray.train import TrainRewardConfig, absolute_storage, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +81,13 @@ def sweep_dir(cfg: TuneRewardConfig) -> str:
     return storage.join(absolute_storage(cfg.storage_path), cfg.name)
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
 def trial_config(base: dict, overrides: dict[str, Any]) -> TrainRewardConfig:
     """The training config of one trial: ``base`` (a TrainRewardConfig dict) with dotted ``overrides``."""
     import copy
 
     tree = copy.deepcopy(base)
     for k, v in overrides.items():
-        _set(tree, k, v)
+        set_dotted(tree, k.split("."), v)
     return from_dict(TrainRewardConfig, tree)
 
 
@@ -254,6 +246,7 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     """Run (or continue) the sweep; returns the summary (also ``<sweep dir>/summary.json``)."""
     import ray
     from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from sr_ray.data import preflight, resolve_splits
@@ -306,7 +299,7 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
                 # the generator itself caps running trials (TuneConfig's cap is not applied to a given search_alg)
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=at_once)),
             run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
-                                      callbacks=[_tbx_callback()], verbose=1),
+                                      callbacks=[TBXLoggerCallback()], verbose=1),
         )
     grid = tuner.fit()
 
@@ -357,7 +350,7 @@ def _best_checkpoint(hist, endpoint: str | None, s3: bool = False) -> str | None
         return None
     ranked = hist.sort_values([METRIC, "step"] if "step" in hist else [METRIC], ascending=False)
     for path in ranked["checkpoint_path"].dropna():
-        uri = f"s3://{path}" if s3 and "://" not in str(path) else str(path)
+        uri = storage.to_uri(path, s3)
         if storage.exists(uri, endpoint):
             return uri
     return None
@@ -373,14 +366,7 @@ def _status(result, hist, expected_steps: int) -> str:
 def _expected_steps(train: TrainRewardConfig, config: dict | None, keys: list[str], rows: int) -> int:
     """Optimizer steps a trial makes when it runs to the end (the training job's own arithmetic)."""
     cfg = trial_config(to_dict(train), {k: (config or {})[k] for k in keys if k in (config or {})})
-    nw = cfg.scaling.num_workers
-    return (rows // nw) // (cfg.optim.batch_size // nw) * cfg.optim.epochs
-
-
-def _tbx_callback():
-    from ray.tune.logger import TBXLoggerCallback
-
-    return TBXLoggerCallback()
+    return steps_per_epoch(cfg, rows) * cfg.optim.epochs
 
 
 def _write_outputs(sdir: str, rows: list[dict], keys: list[str], summary: dict, endpoint: str | None) -> None:
