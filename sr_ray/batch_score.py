@@ -146,18 +146,14 @@ class GenerationPreprocessor:
         self.endpoint, self.image_root = endpoint, image_root
 
     def _bytes(self, batch: dict, i: int) -> bytes:
+        from sr_ray.data import read_image_bytes
+
         if IMAGE in batch and batch[IMAGE][i] is not None:
             return bytes(batch[IMAGE][i])
         uri = batch[URI][i] if URI in batch else None
         if not uri:
             raise images.BadImage("no image bytes and no image_uri")
-        uri = str(uri)
-        if self.image_root and not storage.is_s3(uri) and not uri.startswith("/"):
-            uri = storage.join(self.image_root, uri)
-        try:
-            return storage.read_bytes(uri, self.endpoint)
-        except OSError as e:
-            raise images.BadImage(f"unreadable image_uri {uri}: {e}") from None
+        return read_image_bytes(str(uri), self.image_root, self.endpoint)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sr_ray.data import _prep_state
@@ -218,20 +214,15 @@ class GenerationScorer:
         self.model = engine.module
         self.encode_text, self.encode_image = self.model.encode_text, self.model.encode_image
 
-    def _autocast(self):
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
-
     def text(self, prompts: list[str]):
         """Embeddings of ``prompts`` (one row each), encoding only the ones not cached; returns (emb, newly encoded)."""
         import torch
 
+        from sr_ray.score import inference_autocast
+
         new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if new:
-            with self._autocast():
+            with inference_autocast(self.device):
                 emb = self.encode_text(self.tokenizer(new).to(self.device)).float()
             for p, e in zip(new, emb):
                 self.cache[p] = e
@@ -246,6 +237,7 @@ class GenerationScorer:
         import torch
 
         from sr_ray.model import RewardModel
+        from sr_ray.score import inference_autocast
 
         n = len(batch[ID])
         ok = np.array([not r for r in batch["reason"]], dtype=bool)
@@ -254,7 +246,7 @@ class GenerationScorer:
         if ok.any():
             with torch.no_grad():
                 t, encoded = self.text([str(p) for p in batch[PROMPT][ok]])
-                with self._autocast():
+                with inference_autocast(self.device):
                     im = self.encode_image(torch.as_tensor(batch["pixels"][ok], device=self.device)).float()
                 scores[ok] = RewardModel.score(t, im).float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "pixels"}
@@ -265,16 +257,14 @@ class GenerationScorer:
 
 def checkpoint_model_config(checkpoint: str) -> dict:
     """The model config stored in a reward checkpoint (memory-mapped: the weights are not read)."""
-    from pathlib import Path
-
     import torch
 
-    from sr_ray.score import MODEL_FILE, _local_dir
+    from sr_ray.score import model_file
 
-    local = Path(_local_dir(str(checkpoint)))
-    f = local / MODEL_FILE if local.is_dir() else local
-    if not f.is_file():
-        raise DataError(f"checkpoint={checkpoint}: no {MODEL_FILE} (not an sr-ray reward checkpoint)")
+    try:
+        f = model_file(checkpoint)
+    except FileNotFoundError as e:
+        raise DataError(f"checkpoint={e}") from None
     return dict(torch.load(f, map_location="cpu", weights_only=True, mmap=True)["model_config"])
 
 
@@ -312,6 +302,7 @@ def _write_shard(cfg: ScoreConfig, f: InputFile, parts: list) -> tuple[int, int]
 
 def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every generation once (resuming a killed run); returns the JSON summary."""
+    import pyarrow.compute as pc
     import ray
     import ray.data
 
@@ -358,8 +349,6 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
         todo_rows = sum(f.rows for f in todo)
         last = time.perf_counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            import pyarrow.compute as pc
-
             encoded += int(pc.sum(batch["texts_encoded"]).as_py() or 0)
             for path in batch["path"].unique().to_pylist():
                 part = batch.filter(pc.equal(batch["path"], path))
@@ -409,13 +398,11 @@ def demo_checkpoint() -> str:
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.epochs, cfg.optim.weight_decay = 1e-3, 20, 2, 0.05
     cfg.scaling.cpus_per_worker = 0.5
     cfg.run.name = "sr-reward-demo-scorer"
-    summary_file = os.path.join(os.path.abspath(cfg.run.storage_path), cfg.run.name, "summary.json")
-    for name in ("sr-reward-demo", cfg.run.name):
+    for name in ("sr-reward-demo", cfg.run.name):  # the training job's demo run, else our own quick one
         path = os.path.join(os.path.abspath(cfg.run.storage_path), name, "summary.json")
-        if os.path.exists(path):
-            ckpt = json.load(open(path)).get("checkpoint")
-            if ckpt and storage.exists(ckpt):
-                log.info("[score] demo reward model: %s (from %s)", ckpt, path)
-                return ckpt
-    log.info("[score] no demo reward model yet: training one (%s)", summary_file)
+        ckpt = json.load(open(path)).get("checkpoint") if os.path.exists(path) else None
+        if ckpt and storage.exists(ckpt):
+            log.info("[score] demo reward model: %s (from %s)", ckpt, path)
+            return ckpt
+    log.info("[score] no demo reward model yet: training one (run %s)", cfg.run.name)
     return train_reward(cfg, score_test=False)["checkpoint"]

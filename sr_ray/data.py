@@ -134,7 +134,7 @@ def _sample_check(split: str, info: SplitInfo, cfg: DataConfig) -> None:
     for i in range(len(batch["prompt"])):
         for col in cols[1:]:
             try:
-                data = batch[col][i] if info.form == "packed" else _read_image_bytes(batch[col][i], cfg)
+                data = batch[col][i] if info.form == "packed" else read_image_bytes(batch[col][i], cfg.image_root, cfg.s3_endpoint)
                 images.decode(data)
             except (images.BadImage, OSError, ValueError) as e:
                 bad.append(f"row {i} {col}: {e}")
@@ -159,12 +159,13 @@ def preflight(cfg: DataConfig) -> dict[str, SplitInfo]:
     return out
 
 
-def _read_image_bytes(uri: str | None, cfg: DataConfig) -> bytes:
+def read_image_bytes(uri: str | None, image_root: str | None, endpoint: str | None) -> bytes:
+    """Bytes of an image URI (relative ones under ``image_root``); unreadable -> :class:`images.BadImage`."""
     if not uri:
         raise images.BadImage("empty image path")
-    full = _image_uri(uri, cfg.image_root)
+    full = _image_uri(uri, image_root)
     try:
-        return storage.read_bytes(full, endpoint=cfg.s3_endpoint)
+        return storage.read_bytes(full, endpoint=endpoint)
     except (OSError, FileNotFoundError) as e:
         raise images.BadImage(f"unreadable image URI {full}: {e}") from None
 
@@ -209,7 +210,7 @@ class TripletPreprocessor:
 
         def fetch(uri):
             try:
-                return _read_image_bytes(uri, self.data_cfg)
+                return read_image_bytes(uri, self.data_cfg.image_root, self.data_cfg.s3_endpoint)
             except images.BadImage as e:
                 return e
 

@@ -59,13 +59,18 @@ def _local_dir(checkpoint: str) -> str:
     return tmp
 
 
-def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[RewardModel, ModelConfig]:
-    """A checkpoint folder (local or s3://) -> (RewardModel in eval mode, its ModelConfig)."""
+def model_file(checkpoint: str) -> Path:
+    """The local ``model.pt`` of a checkpoint folder (local or s3://, copied once) or file; FileNotFoundError if none."""
     local = Path(_local_dir(str(checkpoint)))
     f = local / MODEL_FILE if local.is_dir() else local
     if not f.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {MODEL_FILE} (not an sr-ray reward checkpoint)")
-    blob = torch.load(f, map_location="cpu", weights_only=True)
+    return f
+
+
+def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[RewardModel, ModelConfig]:
+    """A checkpoint folder (local or s3://) -> (RewardModel in eval mode, its ModelConfig)."""
+    blob = torch.load(model_file(checkpoint), map_location="cpu", weights_only=True)
     cfg = ModelConfig(**blob["model_config"])
     clip = build_clip(cfg, load_weights=not blob["full"])
     missing, unexpected = clip.load_state_dict(blob["state_dict"], strict=blob["full"])
@@ -75,7 +80,8 @@ def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[Rew
     return model, cfg
 
 
-def _autocast(device: torch.device):
+def inference_autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 (no autocast) elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -91,7 +97,7 @@ class TripletScorer:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         dev = self.device
-        with _autocast(dev):
+        with inference_autocast(dev):
             t, p, n = self.model(torch.as_tensor(batch["tokens"], device=dev),
                                  torch.as_tensor(batch["pos"], device=dev),
                                  torch.as_tensor(batch["neg"], device=dev))
@@ -165,7 +171,7 @@ class RewardScorer:
         for s in range(0, len(imgs), self.batch_size):
             ps, xs = prompts[s:s + self.batch_size], imgs[s:s + self.batch_size]
             uniq = sorted(set(ps))  # each distinct prompt is encoded once
-            with _autocast(self.device):
+            with inference_autocast(self.device):
                 t = self.model.encode_text(self.tokenizer(uniq).to(self.device))
                 pix = torch.stack([self.transform(self._image(x)) for x in xs]).to(self.device)
                 im = self.model.encode_image(pix)
