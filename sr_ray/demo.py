@@ -101,21 +101,31 @@ def ensure_demo_data(cfg: DemoConfig) -> dict[str, str]:
     key = hashlib.sha1(json.dumps(synthetic | {"cache_dir": None, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(os.path.expanduser(cfg.cache_dir)) / f"triplets-{key}"
     splits = {s: str(root / s) for s in ("train", "val", "test")}
+
+    def write(tmp: Path) -> None:
+        rng = np.random.default_rng(cfg.seed)
+        for split, n in (("train", cfg.train), ("val", cfg.val), ("test", cfg.test)):
+            write_split(tmp / split, make_triplets(n, rng, cfg.image_size, split), cfg.rows_per_shard)
+
+    _cached_dir(root, write, asdict(cfg), "demo triplets")
+    return splits
+
+
+def _cached_dir(root: Path, write, params: dict, what: str) -> None:
+    """Make ``root`` once: ``write(tmp)`` fills a temporary folder that is renamed into place with a _SUCCESS marker."""
     if (root / "_SUCCESS").exists():
-        return splits
-    log.info("writing demo triplets to %s", root)
-    rng = np.random.default_rng(cfg.seed)
+        return
+    log.info("writing %s to %s", what, root)
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    for split, n in (("train", cfg.train), ("val", cfg.val), ("test", cfg.test)):
-        write_split(tmp / split, make_triplets(n, rng, cfg.image_size, split), cfg.rows_per_shard)
-    (tmp / "_SUCCESS").write_text(json.dumps(asdict(cfg)))
+    tmp.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    (tmp / "_SUCCESS").write_text(json.dumps(params))
     try:
         os.replace(tmp, root)
     except OSError:  # another process won the race
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    return splits
 
 
 def _community_triplets(cfg: DemoConfig) -> dict[str, str]:
@@ -177,22 +187,13 @@ def ensure_demo_generations(overrides: dict | None = None) -> str:
     key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1},
                                   sort_keys=True).encode()).hexdigest()[:10]
     root = Path(os.path.expanduser(p["cache_dir"])) / f"generations-{key}"
-    if (root / "_SUCCESS").exists():
-        return str(root)
-    log.info("writing demo generations to %s", root)
-    cols = make_generations(int(p["prompts"]), int(p["images_per_prompt"]), int(p["image_size"]), int(p["seed"]),
-                            int(p["bad_rows"]))
-    table = pa.table(cols)
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    step = int(p["rows_per_file"])
-    for k, start in enumerate(range(0, len(table), step)):
-        pq.write_table(table.slice(start, step), tmp / f"generations-{k:05d}.parquet", row_group_size=64)
-    (tmp / "_SUCCESS").write_text(json.dumps(p))
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write(tmp: Path) -> None:
+        table = pa.table(make_generations(int(p["prompts"]), int(p["images_per_prompt"]), int(p["image_size"]),
+                                          int(p["seed"]), int(p["bad_rows"])))
+        step = int(p["rows_per_file"])
+        for k, start in enumerate(range(0, len(table), step)):
+            pq.write_table(table.slice(start, step), tmp / f"generations-{k:05d}.parquet", row_group_size=64)
+
+    _cached_dir(root, write, p, "demo generations")
     return str(root)

@@ -7,7 +7,8 @@ import socket
 from typing import Any
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None,
         if address:
             ray.init(address=address)
         else:
-            port = _free_port()
+            port = free_port()
             env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **(env_vars or {})}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                      dashboard_port=port, runtime_env={"env_vars": env}, **kwargs)

@@ -62,6 +62,11 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri).expanduser().joinpath(*parts))
 
 
+def to_uri(path: str, s3: bool) -> str:
+    """A path as an S3 filesystem reports it (``bucket/key``) back to a URI; local paths and URIs unchanged."""
+    return f"s3://{path}" if s3 and "://" not in str(path) else str(path)
+
+
 def exists(uri: str, endpoint: str | None = None) -> bool:
     fs, path = resolve(uri, endpoint)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
