@@ -111,6 +111,7 @@ def test_too_many_bad_rows_fails_the_job(ray_cluster, tmp_path, demo_cache):
         train_reward(load_train_config(over))
 
 
+@pytest.mark.extended  # ~2 min: keeps the default suite under 15 min on 2 cores; .ci/run runs it
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path, demo_cache):
     over = small_overrides(tmp_path, demo_cache, "fault", train=640) + [
         "run.val_every_steps=5", "run.fail_at_step=7", "scaling.max_failures=1"]
