@@ -199,6 +199,7 @@ class GenerationScorer:
         self.cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.cache_size = text_cache_size
         self.encode_text, self.encode_image = self.model.encode_text, self.model.encode_image
+        self.dtype = torch.float32
         if backend == "deepspeed":
             self._deepspeed()
         elif compile:
@@ -210,8 +211,10 @@ class GenerationScorer:
         import torch
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # kernel injection covers transformers of HF/Megatron layouts, not open_clip's towers: DeepSpeed casts
+        # the weights (bf16 on GPU) and runs the model as it is
         engine = deepspeed.init_inference(self.model, dtype=dtype, replace_with_kernel_inject=False)
-        self.model = engine.module
+        self.engine, self.model, self.dtype = engine, engine.module, dtype
         self.encode_text, self.encode_image = self.model.encode_text, self.model.encode_image
 
     def text(self, prompts: list[str]):
@@ -247,7 +250,8 @@ class GenerationScorer:
             with torch.no_grad():
                 t, encoded = self.text([str(p) for p in batch[PROMPT][ok]])
                 with inference_autocast(self.device):
-                    im = self.encode_image(torch.as_tensor(batch["pixels"][ok], device=self.device)).float()
+                    pixels = torch.as_tensor(batch["pixels"][ok], device=self.device, dtype=self.dtype)
+                    im = self.encode_image(pixels).float()
                 scores[ok] = RewardModel.score(t, im).float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["score"] = scores

@@ -4,6 +4,7 @@ that the demo data (and the simulated community) are made of."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,7 +43,9 @@ def decode(data: bytes | None) -> Image.Image:
     except BadImage:
         raise
     except Exception as e:  # PIL raises many types for corrupt data
-        raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from None
+        # PIL names the buffer object (with its address) in the message: keep the reason stable across runs
+        msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise BadImage(f"undecodable image: {type(e).__name__}: {msg}") from None
     if min(img.size) < MIN_SIDE:
         raise BadImage(f"image too small ({img.width}x{img.height})")
     return img.convert("RGB")

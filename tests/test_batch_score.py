@@ -35,12 +35,12 @@ def write_generations(folder, prompts=12, per_prompt=3, bad=3, files=3, seed=0):
     return cols
 
 
-def run_stages(checkpoint, cols, batch=8):
+def run_stages(checkpoint, cols, batch=8, backend="torch"):
     """The job's two map_batches stages, in this process, over numpy batches of ``cols``."""
     from sr_ray.batch_score import checkpoint_model_config
 
     prep = GenerationPreprocessor(checkpoint_model_config(checkpoint), None, None)
-    scorer = GenerationScorer(checkpoint, device="cpu")
+    scorer = GenerationScorer(checkpoint, backend=backend, device="cpu")
     out = []
     n = len(cols["generation_id"])
     for s in range(0, n, batch):
@@ -64,6 +64,19 @@ def test_stages_score_like_the_python_api_and_encode_each_prompt_once(checkpoint
     # 10 prompts x 4 images over batches of 8: each prompt's text went through the model once
     assert out["texts_encoded"].sum() == len({p for p, g in zip(cols["prompt"], ok) if g}) == 10
     assert "image" not in out and "pixels" not in out and "user_id" in out
+
+
+def test_deepspeed_backend_runs_on_cpu_and_matches_torch(checkpoint):
+    import deepspeed
+
+    cols = make_generations(6, 3, 32, 1, 2)
+    ds = run_stages(checkpoint, cols, backend="deepspeed")
+    pt = run_stages(checkpoint, cols)
+    assert isinstance(GenerationScorer(checkpoint, backend="deepspeed", device="cpu").engine,
+                      deepspeed.InferenceEngine)
+    ok = pt["reason"] == ""
+    assert ok.sum() == 18 and (ds["reason"] == pt["reason"]).all()
+    assert np.allclose(ds["score"][ok], pt["score"][ok], atol=1e-5)
 
 
 def test_bad_inputs_are_named_before_ray(tmp_path):
