@@ -57,6 +57,10 @@ class ScoreConfig:
     batch_size: int = 64
     """Images per scorer call."""
     decode_batch_size: int = 64
+    block_rows: int = 128
+    """Rows per Ray Data block between the stages (streaming repartition after the read): how often the
+    driver hears back, so the granularity of progress lines and shard commits. The reader alone would put
+    many small files in one block, finishing all their shards at once."""
     decode_num_cpus: float = 0.5
     text_cache_size: int = 100_000
     """Prompt embeddings each actor keeps."""
@@ -75,7 +79,7 @@ class ScoreConfig:
             raise ValueError("backend must be torch or deepspeed")
         if not 1 <= self.min_actors <= self.max_actors:
             raise ValueError("need 1 <= min_actors <= max_actors")
-        if self.batch_size < 1 or self.decode_batch_size < 1:
+        if self.batch_size < 1 or self.decode_batch_size < 1 or self.block_rows < 1:
             raise ValueError("batch sizes must be >= 1")
         if not 0.0 <= self.max_reject_rate <= 1.0:
             raise ValueError("max_reject_rate must be in [0, 1]")
@@ -339,6 +343,7 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
         init_ray(cfg.ray_address)
         fs, _ = storage.resolve(gen_uri, endpoint)
         ds = ray.data.read_parquet([f.path for f in todo], filesystem=fs, include_paths=True)
+        ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)  # streaming: no all-to-all shuffle
         ds = ds.map_batches(GenerationPreprocessor(model_cfg, endpoint, cfg.image_root), batch_format="numpy",
                             batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
         ds = ds.map_batches(

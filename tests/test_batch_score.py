@@ -119,3 +119,83 @@ def test_job_scores_every_generation_once_with_rejects(ray_cluster, checkpoint, 
     # a re-run finds every shard finished and scores nothing again
     again = score_generations(cfg)
     assert again["shards_skipped"] == 3 and again["rows"] == 39 and again["prompts_encoded"] == 0
+
+
+@pytest.mark.extended  # ~1 min
+def test_s3_in_and_out_with_bytes_and_uris(ray_cluster, checkpoint, s3_endpoint, s3_bucket):
+    """Generations on moto's S3 (one file with image bytes, one with s3:// image_uri), scores written to S3."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    cols = make_generations(6, 3, 32, 3, 2)
+    n = len(cols["generation_id"])
+    half = n // 2
+    first = pa.table({k: v[:half] for k, v in cols.items()})
+    uris = []
+    for g, img in zip(cols["generation_id"][half:], cols["image"][half:]):
+        s3.put_object(Bucket=s3_bucket, Key=f"images/{g}.png", Body=img)
+        uris.append(f"s3://{s3_bucket}/images/{g}.png")
+    second = pa.table({"generation_id": cols["generation_id"][half:], "prompt": cols["prompt"][half:],
+                       "image_uri": uris, "user_id": cols["user_id"][half:]})
+    for name, t in (("bytes", first), ("uris", second)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink)
+        s3.put_object(Bucket=s3_bucket, Key=f"generations/{name}.parquet", Body=sink.getvalue().to_pybytes())
+    out = f"s3://{s3_bucket}/scores/"
+    cfg = ScoreConfig(checkpoint=checkpoint, generations=f"s3://{s3_bucket}/generations/", out=out,
+                      s3_endpoint=s3_endpoint, batch_size=8, decode_batch_size=8)
+    summary = score_generations(cfg)
+    assert summary["rows"] == n and summary["rejected"] == 2 and summary["output"] == out
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", region="us-east-1")
+    keys = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/scores", recursive=True)))
+    assert keys == [f"{s3_bucket}/scores/{p}" for p in
+                    ("_rejects", "_rejects/bytes.parquet", "_rejects/uris.parquet", "_summary.json",
+                     "bytes.parquet", "uris.parquet")]
+    table = pa.concat_tables([pq.read_table(f"{s3_bucket}/scores/{s}.parquet", filesystem=fs)
+                              for s in ("bytes", "uris")], promote_options="permissive")
+    got = dict(zip(table["generation_id"].to_pylist(), table["score"].to_pylist()))
+    good = [i for i, g in enumerate(cols["generation_id"]) if "bad" not in g]
+    want = RewardScorer(checkpoint, device="cpu").score([cols["prompt"][i] for i in good],
+                                                        [cols["image"][i] for i in good])
+    assert np.allclose([got[cols["generation_id"][i]] for i in good], want, atol=1e-5)
+    assert table.column("image_uri").null_count == half  # the bytes file's rows have no URI
+
+
+@pytest.mark.extended  # ~1.5 min
+def test_killed_job_resumes_and_scores_every_generation_exactly_once(ray_cluster, checkpoint, tmp_path):
+    """SIGKILL the job once its first shard is written; the re-run skips finished shards, scores the rest once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    cols = write_generations(tmp_path / "gen", prompts=60, per_prompt=4, bad=2, files=8)
+    out = tmp_path / "scores"
+    over = [f"checkpoint={checkpoint}", f"generations={tmp_path / 'gen'}", f"out={out}", "batch_size=4",
+            "decode_batch_size=4", "block_rows=8", "min_actors=1", "max_actors=1"]
+    proc = subprocess.Popen([sys.executable, "jobs/score_generations.py", *over,
+                             f"ray_address={ray_cluster.get_runtime_context().gcs_address}"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("*.parquet")):
+        assert proc.poll() is None, "the job ended before it wrote a shard"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert 1 <= len(done) < 8, f"kill came too late or never: {sorted(done)}"
+    time.sleep(2)  # let the cluster reclaim the killed driver's actors
+
+    summary = score_generations(ScoreConfig(checkpoint=checkpoint, generations=str(tmp_path / "gen"), out=str(out),
+                                            batch_size=8, decode_batch_size=8))
+    assert summary["shards_skipped"] == len(done) and summary["shards"] == 8
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in done} == done
+    ids = read_dir(out)["generation_id"].to_pylist() + read_dir(out / "_rejects")["generation_id"].to_pylist()
+    assert sorted(ids) == sorted(cols["generation_id"])  # every generation exactly once, scored or rejected
+    assert summary["rows"] == 242 and summary["rejected"] == 2
