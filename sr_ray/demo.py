@@ -178,14 +178,7 @@ def make_generations(prompts: int, images_per_prompt: int, image_size: int, seed
 
 def ensure_demo_generations(overrides: dict | None = None) -> str:
     """Write (once, cached by parameters) the demo generation set; returns its folder."""
-    p = {**GENERATIONS_DEFAULTS, **(overrides or {})}
-    unknown = set(p) - set(GENERATIONS_DEFAULTS)
-    if unknown:
-        from sr_ray.config import ConfigError
-
-        raise ConfigError(f"demo: unknown key(s) {sorted(unknown)}; valid: {sorted(GENERATIONS_DEFAULTS)}")
-    key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1},
-                                  sort_keys=True).encode()).hexdigest()[:10]
+    p, key = _params(GENERATIONS_DEFAULTS, overrides, "generation set")
     root = Path(os.path.expanduser(p["cache_dir"])) / f"generations-{key}"
 
     def write(tmp: Path) -> None:
@@ -196,4 +189,54 @@ def ensure_demo_generations(overrides: dict | None = None) -> str:
             pq.write_table(table.slice(start, step), tmp / f"generations-{k:05d}.parquet", row_group_size=64)
 
     _cached_dir(root, write, p, "demo generations")
+    return str(root)
+
+
+REGULARIZATION_DEFAULTS = {"rows": 1000, "image_size": 64, "seed": 1, "bad_rows": 2, "rows_per_file": 250,
+                           "cache_dir": "~/.cache/sr-ray/demo"}
+
+
+def make_regularization(rows: int, image_size: int, seed: int, bad_rows: int) -> dict[str, list]:
+    """A LAION-like demo set: a caption and the image it describes (any colour; no community taste).
+
+    The last ``bad_rows`` rows have undecodable bytes, so the selection job's
+    skip-and-count path runs in the demo too.
+    """
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {"caption": [], "image": []}
+    for _ in range(rows):
+        colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
+        cols["caption"].append(f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}")
+        cols["image"].append(images.encode_png(images.draw(colour, shape, rng, image_size)))
+    for k in range(bad_rows):
+        cols["caption"].append(f"a broken picture #{k}")
+        cols["image"].append(b"truncated download")
+    return cols
+
+
+def _params(defaults: dict, overrides: dict | None, what: str) -> tuple[dict, str]:
+    p = {**defaults, **(overrides or {})}
+    unknown = set(p) - set(defaults)
+    if unknown:
+        from sr_ray.config import ConfigError
+
+        raise ConfigError(f"demo: unknown key(s) {sorted(unknown)} for the demo {what}; valid: {sorted(defaults)}")
+    key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1},
+                                  sort_keys=True).encode()).hexdigest()[:10]
+    return p, key
+
+
+def ensure_demo_regularization(overrides: dict | None = None) -> str:
+    """Write (once, cached by parameters) the demo regularization set; returns its folder."""
+    p, key = _params(REGULARIZATION_DEFAULTS, overrides, "regularization set")
+    root = Path(os.path.expanduser(p["cache_dir"])) / f"regularization-{key}"
+
+    def write(tmp: Path) -> None:
+        table = pa.table(make_regularization(int(p["rows"]), int(p["image_size"]), int(p["seed"]),
+                                             int(p["bad_rows"])))
+        step = int(p["rows_per_file"])
+        for k, start in enumerate(range(0, len(table), step)):
+            pq.write_table(table.slice(start, step), tmp / f"laion-demo-{k:05d}.parquet", row_group_size=64)
+
+    _cached_dir(root, write, p, "demo regularization set")
     return str(root)

@@ -131,10 +131,14 @@ def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str 
         return [path]
     sel = pafs.FileSelector(path, recursive=True)
     suffixes = tuple(suffixes)
+    root = path.rstrip("/") + "/"
+
+    def hidden(p: str) -> bool:  # Hadoop/Spark convention: _name and .name files and folders are not data
+        return any(part.startswith((".", "_")) for part in p[len(root):].split("/"))
+
     return sorted(
         i.path for i in fs.get_file_info(sel)
-        if i.type == pafs.FileType.File and i.path.endswith(suffixes)
-        and not posixpath.basename(i.path).startswith((".", "_"))
+        if i.type == pafs.FileType.File and i.path.endswith(suffixes) and not hidden(i.path)
     )
 
 
