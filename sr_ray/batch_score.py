@@ -64,6 +64,8 @@ class ScoreConfig:
     decode_num_cpus: float = 0.5
     text_cache_size: int = 100_000
     """Prompt embeddings each actor keeps."""
+    torch_threads: int = 0
+    """Intra-op threads of each scorer actor on CPU; 0: Ray's default (the actor's whole CPUs, at least 1)."""
     max_reject_rate: float = 0.5
     """Fail the job when more than this share of the rows could not be scored (bad rows never crash it alone)."""
     image_root: str | None = None
@@ -191,8 +193,10 @@ class GenerationScorer:
     """Scorer actor: (prompt, pixels) -> ``score``; each distinct prompt's text is encoded once per actor."""
 
     def __init__(self, checkpoint: str, backend: str = "torch", compile: bool = False, device: str | None = None,
-                 text_cache_size: int = 100_000):
+                 text_cache_size: int = 100_000, torch_threads: int = 0):
         import torch
+
+        self.threads = torch_threads or torch.get_num_threads()
 
         from sr_ray.model import tokenizer
         from sr_ray.score import load_model
@@ -209,6 +213,7 @@ class GenerationScorer:
         elif compile:
             self.encode_text = torch.compile(self.encode_text)
             self.encode_image = torch.compile(self.encode_image)
+        self.ready_at = time.time()  # model loaded: the driver tells start-up from steady scoring with it
 
     def _deepspeed(self) -> None:
         import deepspeed
@@ -246,6 +251,8 @@ class GenerationScorer:
         from sr_ray.model import RewardModel
         from sr_ray.score import inference_autocast
 
+        if torch.get_num_threads() != self.threads:  # a fused decode stage in this process may have changed it
+            torch.set_num_threads(self.threads)
         n = len(batch[ID])
         ok = np.array([not r for r in batch["reason"]], dtype=bool)
         scores = np.full(n, np.nan, dtype=np.float32)
@@ -260,6 +267,7 @@ class GenerationScorer:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["score"] = scores
         out["texts_encoded"] = np.array([encoded] + [0] * (n - 1), dtype=np.int64)
+        out["actor_ready_at"] = np.full(n, self.ready_at, dtype=np.float64)
         return out
 
 
@@ -300,7 +308,7 @@ def _write_shard(cfg: ScoreConfig, f: InputFile, parts: list) -> tuple[int, int]
     table = pa.concat_tables(parts, promote_options="permissive").sort_by(ID)
     bad = pc.not_equal(table["reason"], "")
     rejects = table.filter(bad).select([ID, PROMPT, "reason"])
-    keep = [c for c in table.column_names if c not in ("reason", "texts_encoded", "path", "pixels")]
+    keep = [c for c in table.column_names if c not in ("reason", "texts_encoded", "actor_ready_at", "path", "pixels")]
     scored = table.filter(pc.invert(bad)).select(keep)
     scored = scored.set_column(scored.column_names.index("score"), "score", scored["score"].cast(pa.float32()))
     storage.write_parquet(rejects, storage.join(cfg.out, REJECTS, f.shard), cfg.s3_endpoint)
@@ -308,11 +316,31 @@ def _write_shard(cfg: ScoreConfig, f: InputFile, parts: list) -> tuple[int, int]
     return len(scored), len(rejects)
 
 
+def build_pipeline(cfg: ScoreConfig, paths: list[str], gen_uri: str, model_cfg: dict, checkpoint: str):
+    """read -> blocks of block_rows -> decode + preprocess (CPU tasks) -> scorer actor pool.
+
+    Ray Data fuses the decode stage into the scorer actors when both ask for the
+    same resources (on CPU: it saves moving float pixels through the object
+    store); with ``num_gpus`` on the actors it stays in separate CPU tasks.
+    """
+    import ray.data
+
+    fs, _ = storage.resolve(gen_uri, cfg.s3_endpoint)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+    ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)  # streaming: no all-to-all shuffle
+    ds = ds.map_batches(GenerationPreprocessor(model_cfg, cfg.s3_endpoint, cfg.image_root), batch_format="numpy",
+                        batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
+    return ds.map_batches(
+        GenerationScorer, batch_format="numpy", batch_size=cfg.batch_size,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "backend": cfg.backend, "compile": cfg.compile,
+                               "text_cache_size": cfg.text_cache_size, "torch_threads": cfg.torch_threads},
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0)
+
+
 def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every generation once (resuming a killed run); returns the JSON summary."""
     import pyarrow.compute as pc
-    import ray
-    import ray.data
 
     from sr_ray.ray_utils import init_ray
 
@@ -338,26 +366,19 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     log.info("[score] %d generations in %d file(s) under %s; %d shard(s) already scored in %s", total, len(files),
              gen_uri, len(finished), cfg.out)
     encoded = done_rows = 0
-    t_run = time.perf_counter()
+    first = None
+    t_run, t_run_wall = time.perf_counter(), time.time()
     if todo:
         init_ray(cfg.ray_address)
-        fs, _ = storage.resolve(gen_uri, endpoint)
-        ds = ray.data.read_parquet([f.path for f in todo], filesystem=fs, include_paths=True)
-        ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)  # streaming: no all-to-all shuffle
-        ds = ds.map_batches(GenerationPreprocessor(model_cfg, endpoint, cfg.image_root), batch_format="numpy",
-                            batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
-        ds = ds.map_batches(
-            GenerationScorer, batch_format="numpy", batch_size=cfg.batch_size,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "backend": cfg.backend, "compile": cfg.compile,
-                                   "text_cache_size": cfg.text_cache_size},
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0)
+        ds = build_pipeline(cfg, [f.path for f in todo], gen_uri, model_cfg, checkpoint)
         by_path = {f.path: f for f in todo}
         parts: dict[str, list] = collections.defaultdict(list)
         got: collections.Counter = collections.Counter()
         todo_rows = sum(f.rows for f in todo)
         last = time.perf_counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            ready = pc.min(batch["actor_ready_at"]).as_py()  # start-up ends when the first actor has its model
+            first = ready if first is None else min(first, ready)
             encoded += int(pc.sum(batch["texts_encoded"]).as_py() or 0)
             for path in batch["path"].unique().to_pylist():
                 part = batch.filter(pc.equal(batch["path"], path))
@@ -379,10 +400,14 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
         short = {p: (got[p], by_path[p].rows) for p in parts}
         if short:
             raise RuntimeError(f"rows missing from the scoring output (got, expected): {short}")
-    run_s = time.perf_counter() - t_run
+    t_end = time.perf_counter()
+    run_s = t_end - t_run
+    steady = done_rows / (time.time() - first) if first else None
     rows = scored + rejected
     summary = {"rows": rows, "scored": scored, "rejected": rejected, "prompts_encoded": encoded,
                "images_per_s": round(done_rows / run_s, 2) if done_rows else None,
+               "startup_s": round(first - t_run_wall, 1) if first else None,
+               "steady_images_per_s": round(steady, 2) if steady else None,
                "shards": len(files), "shards_skipped": len(finished), "backend": cfg.backend,
                "checkpoint": checkpoint, "generations": gen_uri, "output": cfg.out,
                "rejects": storage.join(cfg.out, REJECTS), "wall_s": round(time.perf_counter() - t0, 1)}

@@ -199,3 +199,20 @@ def test_killed_job_resumes_and_scores_every_generation_exactly_once(ray_cluster
     ids = read_dir(out)["generation_id"].to_pylist() + read_dir(out / "_rejects")["generation_id"].to_pylist()
     assert sorted(ids) == sorted(cols["generation_id"])  # every generation exactly once, scored or rejected
     assert summary["rows"] == 242 and summary["rejected"] == 2
+
+
+def test_decode_runs_in_cpu_tasks_when_the_scorers_take_gpus(ray_cluster, checkpoint, tmp_path, capsys):
+    """The physical plan: on GPU the decode stage stays apart (CPU tasks); on CPU Ray Data fuses it into the actors."""
+    from sr_ray.batch_score import build_pipeline, checkpoint_model_config
+
+    write_generations(tmp_path / "gen", prompts=2, per_prompt=2, bad=0, files=1)
+    paths = [str(p) for p in (tmp_path / "gen").glob("*.parquet")]
+    mcfg = checkpoint_model_config(checkpoint)
+    plans = {}
+    for gpu in (True, False):
+        build_pipeline(ScoreConfig(use_gpu=gpu), paths, str(tmp_path / "gen"), mcfg, checkpoint).explain()
+        out = capsys.readouterr().out
+        plans[gpu] = out[out.index("Physical Plan (Optimized)"):]
+    assert "ActorPoolMapOperator[MapBatches(GenerationScorer)]" in plans[True]
+    assert "TaskPoolMapOperator[MapBatches(GenerationPreprocessor)]" in plans[True]
+    assert "ActorPoolMapOperator[MapBatches(GenerationPreprocessor)->MapBatches(GenerationScorer)]" in plans[False]

@@ -12,3 +12,16 @@ def test_benchmark_compares_no_op_freezing_with_explicit_freezing(tmp_path, caps
     assert r["authors_triplets_per_s"] > 0 and r["ours_triplets_per_s"] > 0
     assert abs(r["speedup"] - r["ours_triplets_per_s"] / r["authors_triplets_per_s"]) < 0.01
     assert "speedup sr-ray / authors" in capsys.readouterr().out
+
+
+def test_scoring_benchmark_times_both_sides_on_the_same_images(ray_cluster, tmp_path, capsys):
+    from jobs.benchmark_score import main as bench_score
+
+    r = bench_score(["model.name=sr-tiny", "prompts=4", "images_per_prompt=3", "actors=[1]", "batch_size=8",
+                     f"cache_dir={tmp_path}", f"out={tmp_path / 'out'}"])
+    run = r["ours"][0]
+    assert r["images"] == 12 and r["authors"]["texts_encoded"] == 12  # the reference encodes a text per image
+    assert run["texts_encoded"] == r["distinct_prompts"] <= 4  # ours once per prompt
+    assert run["max_abs_score_diff"] < 1e-5  # the same scores
+    assert abs(run["ratio_vs_authors"] - run["images_per_s"] / r["authors"]["images_per_s"]) < 0.01
+    assert (tmp_path / "out" / "results.md").exists() and "sr-ray torch, 1 actor(s)" in capsys.readouterr().out

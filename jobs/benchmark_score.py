@@ -1,0 +1,24 @@
+"""Benchmark: the batch-scoring job (Ray Data + scorer actors, text once per prompt) vs the authors'
+validation loop (one DataLoader, one model, text encoded per image), same model and images, one run.
+
+    python jobs/benchmark_score.py                                  # ViT-B-32 (random weights), 400 images, CPU
+    python jobs/benchmark_score.py checkpoint=<ViT-L-14 reward ckpt> use_gpu=true backends=[torch,deepspeed] \\
+        actors=[1] prompts=2000                                     # on a GPU machine: images/s per GPU, 1M projection
+"""
+
+from sr_ray.benchmark_score import BenchScoreConfig, bench_score, format_table
+from sr_ray.cli import run_job
+
+
+def _run(cfg: BenchScoreConfig) -> dict:
+    result = bench_score(cfg)
+    print(format_table(result), flush=True)
+    return result
+
+
+def main(argv=None) -> dict:
+    return run_job(BenchScoreConfig, _run, argv, None, __doc__)
+
+
+if __name__ == "__main__":
+    main()
