@@ -14,11 +14,13 @@ CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads(path):
     from sr_ray.batch_score import ScoreConfig
+    from sr_ray.diffusion.finetune import FinetuneSDConfig
     from sr_ray.select import SelectConfig
     from sr_ray.tune import TuneRewardConfig, check_search
 
     cls = {"train_reward": TrainRewardConfig, "tune_reward": TuneRewardConfig,
-           "score_generations": ScoreConfig, "select_pairs": SelectConfig}[path.parent.name]
+           "score_generations": ScoreConfig, "select_pairs": SelectConfig,
+           "finetune_sd": FinetuneSDConfig}[path.parent.name]
     cfg = load_config(cls, path)
     assert to_dict(cfg)
     if cls is TuneRewardConfig:

@@ -1,0 +1,165 @@
+"""Stable Diffusion components (diffusers): from a model directory or hub id, or tiny ones built in code.
+
+``load_components`` returns the five parts a fine-tune needs (U-Net, VAE, text
+encoder, tokenizer, noise scheduler) from a diffusers model directory (local, or
+``s3://`` copied once) or a Hugging Face hub id (``stabilityai/stable-diffusion-2-1-base``),
+or, for ``model=tiny``, a miniature SD built in code: the same classes and the same
+wiring, a few hundred thousand parameters, so the demo and tests need no download.
+The tiny tokenizer is CLIP's real BPE (from the vocabulary open_clip ships), so
+prompts and the special token tokenize as they do for SD.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+@dataclass
+class SDModelConfig:
+    name: str = TINY
+    """tiny (built in code), a diffusers model directory (local or s3://), or a hub id
+    (stabilityai/stable-diffusion-2-1-base: the paper's model)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub id."""
+    seed: int = 0
+    """Seed of the tiny model's initial weights."""
+    prediction_type: str | None = None
+    """Override the scheduler's prediction type (epsilon or v_prediction); none: the model's own."""
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError("prediction_type must be epsilon, v_prediction or null")
+
+
+def clip_bpe_tokenizer(folder: str | os.PathLike, model_max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` with CLIP's BPE, written from open_clip's bundled vocabulary (offline).
+
+    Ids match OpenAI CLIP's (start 49406, end 49407); padding with "!" (id 0), as SD 2.x does.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "vocab.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in merges]
+        vocab = list(bytes_to_unicode().values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        tmp = folder / f".vocab-{os.getpid()}.json"
+        tmp.write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        os.replace(tmp, folder / "vocab.json")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
+                         model_max_length=model_max_length)
+
+
+def tiny_components(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") -> dict[str, Any]:
+    """A miniature SD 2.x: 2-block U-Net (cross-attention), 2-block VAE (4 latent channels, /2), 2-layer CLIP text.
+
+    32 px images give 16 px latents; the same classes as the real model, so every code path is the real one.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=0))
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=(2, 4), norm_num_groups=8)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+            layers_per_block=1, norm_num_groups=8, sample_size=32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type="epsilon", clip_sample=False,
+                              steps_offset=1)
+    tokenizer = clip_bpe_tokenizer(Path(os.path.expanduser(cache_dir)) / "tokenizer")
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "noise_scheduler": scheduler}
+
+
+def _local(name: str) -> str:
+    """A model directory on S3 is copied to a local temporary folder once per process."""
+    from sr_ray import storage
+
+    if not storage.is_s3(name):
+        return name
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(name)
+    tmp = tempfile.mkdtemp(prefix="sr-ray-sd-")
+    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp
+
+
+def load_components(cfg: SDModelConfig) -> dict[str, Any]:
+    """U-Net, VAE, text encoder, tokenizer and a DDPM training scheduler (the model's own config)."""
+    if cfg.name == TINY:
+        parts = tiny_components(cfg.seed)
+    else:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        src = _local(cfg.name)
+        kw = {"revision": cfg.revision} if cfg.revision else {}
+        parts = {
+            "unet": UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw),
+            "vae": AutoencoderKL.from_pretrained(src, subfolder="vae", **kw),
+            "text_encoder": CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw),
+            "tokenizer": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
+            "noise_scheduler": DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw),
+        }
+    if cfg.prediction_type:
+        from diffusers import DDPMScheduler
+
+        parts["noise_scheduler"] = DDPMScheduler.from_config(parts["noise_scheduler"].config,
+                                                             prediction_type=cfg.prediction_type)
+    return parts
+
+
+def check_model(cfg: SDModelConfig) -> None:
+    """Fail before Ray starts when a local model directory lacks a component (names the folder)."""
+    from sr_ray import storage
+
+    if cfg.name == TINY or storage.is_s3(cfg.name) or not os.path.exists(cfg.name):
+        return  # hub ids and S3 are checked where they load
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not os.path.isdir(os.path.join(cfg.name, c))]
+    if missing:
+        from sr_ray.config import ConfigError
+
+        raise ConfigError(f"model.name={cfg.name}: not a diffusers Stable Diffusion directory (no {missing})")
+
+
+def pipeline(parts: dict[str, Any], scheduler: str = "ddim"):
+    """A ``StableDiffusionPipeline`` over ``parts`` with a DDIM (or the training DDPM) sampler, no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sched = parts["noise_scheduler"]
+    if scheduler == "ddim":
+        sched = DDIMScheduler.from_config(sched.config)
+    return StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                   tokenizer=parts["tokenizer"], unet=parts["unet"], scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

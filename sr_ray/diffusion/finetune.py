@@ -1,0 +1,511 @@
+"""Fine-tune Stable Diffusion on the selected pairs with Ray Train (+ DeepSpeed), paper sec. 4.3.
+
+``finetune_sd(cfg)`` (the driver) checks the fine-tune set and config, starts
+Ray if needed, and runs a ``TorchTrainer`` over :func:`train_func`: every worker
+builds the diffusers components, freezes the VAE (and the text encoder or the
+U-Net when asked), and trains the standard noise-prediction loss (epsilon or
+v-prediction, from the scheduler's config) on batches streamed by Ray Data.
+With ``deepspeed.enabled`` the trainable module goes through
+``deepspeed.initialize`` (ZeRO stage from config, bf16 on GPU); otherwise
+through Ray Train's DDP. Checkpoints go through Ray Train (with DeepSpeed every
+rank saves its ZeRO shard, and each reports its folder), so a run resumes after
+a worker is killed, or when re-run with the same name. At the end rank 0 writes
+a diffusers pipeline directory (``<run>/pipeline``, ``save_pretrained``) that
+``StableDiffusionPipeline.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sr_ray import storage
+from sr_ray.cli import setup_logging
+from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.data import DataError
+from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline
+from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
+from sr_ray.ray_utils import init_ray
+
+log = logging.getLogger("sr_ray.finetune")
+
+STATE_FILE = "train_state.pt"
+DS_TAG = "ds"
+FAULT_MARKER = ".fault_injected"
+
+
+@dataclass
+class FinetuneOptimConfig:
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    """The paper fine-tunes both; the VAE is always frozen."""
+    lr: float = 1e-5
+    """The paper: 1e-5."""
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    """Linear warmup, then a constant rate (diffusers' default schedule)."""
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    """Global batch (images per step over all workers)."""
+    epochs: int = 1
+    max_steps: int = 0
+    """Stop after this many steps (0: run the epochs)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("optim: nothing to train (train_unet and train_text_encoder are both false)")
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
+            raise ValueError("optim.lr must be > 0, batch_size and epochs >= 1, max_steps >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = True
+    zero_stage: int = 2
+    """ZeRO stage 0-3 (2: optimizer states and gradients sharded over workers)."""
+    offload_optimizer: bool = False
+    """Optimizer states in CPU memory (ZeRO-Offload; uses DeepSpeed's CPU Adam)."""
+    precision: str = "auto"
+    """auto: bf16 on GPU, fp32 on CPU (DeepSpeed has no fp16 on CPU); bf16; fp32."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("deepspeed.zero_stage must be 0, 1, 2 or 3")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("deepspeed.precision must be auto, bf16 or fp32")
+
+
+@dataclass
+class FinetuneScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0
+    max_failures: int = 1
+    """Worker failures survived by restarting from the latest checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+
+
+@dataclass
+class FinetuneRunConfig:
+    name: str = "sd-finetune-demo"
+    """Run name; re-running with the same name and storage resumes."""
+    storage_path: str = "./runs"
+    checkpoint_every_steps: int = 20
+    """Checkpoint (through Ray Train) every N steps and at the end."""
+    checkpoints_to_keep: int = 2
+    log_every_steps: int = 5
+    sample_every_steps: int = 0
+    """Generate the sample prompts into TensorBoard every N steps (0: at the end only; -1: never)."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red cat, watercolor", "a blue house, photo"])
+    sample_steps: int = 20
+    """DDIM steps of the samples."""
+    negative_prompt: str = "t@y quality"
+    """The special token of the worst images: the samples' negative prompt."""
+    save_pipeline: bool = True
+    """Write <run>/pipeline (diffusers save_pretrained) at the end."""
+    ray_address: str | None = None
+    fail_at_step: int = 0
+    """Fault injection for recovery tests: rank 0 exits once at this step (0: never)."""
+
+
+@dataclass
+class FinetuneSDConfig:
+    model: SDModelConfig = field(default_factory=SDModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: FinetuneScalingConfig = field(default_factory=FinetuneScalingConfig)
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+
+
+class Denoiser(torch.nn.Module):
+    """The trained part: text encoder -> U-Net noise prediction. One module, so DDP/DeepSpeed wrap both."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) noisy latents, (B,) timesteps, (B, L) token ids -> (B, C, h, w) prediction."""
+        hidden = self.text_encoder(input_ids)[0]
+        return self.unet(noisy, timesteps, hidden).sample
+
+
+def freeze(parts: dict[str, Any], cfg: FinetuneOptimConfig) -> dict[str, int]:
+    """VAE frozen; U-Net and text encoder as configured. Returns trainable parameter counts per component."""
+    parts["vae"].requires_grad_(False)
+    parts["unet"].requires_grad_(cfg.train_unet)
+    parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
+    return {k: sum(p.numel() for p in parts[k].parameters() if p.requires_grad)
+            for k in ("unet", "text_encoder", "vae")}
+
+
+def diffusion_loss(denoiser, vae, scheduler, batch: dict[str, torch.Tensor], generator=None) -> torch.Tensor:
+    """Noise-prediction MSE over the valid rows (epsilon or v target, from the scheduler's prediction_type).
+
+    ``batch``: ``input_ids`` (B, L), ``valid`` (B,), and ``pixel_values`` (B, 3, R, R) in [-1, 1] or cached
+    ``latent_moments`` (B, 2C, h, w). Rows with valid=False weigh 0 (all ranks still step together).
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    valid = batch["valid"].float()
+    if "latent_moments" in batch:
+        dist = DiagonalGaussianDistribution(batch["latent_moments"])
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
+    latents = dist.sample(generator).float() * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
+                      generator=generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    ptype = scheduler.config.prediction_type
+    target = noise if ptype == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    dtype = next(denoiser.parameters()).dtype
+    pred = denoiser(noisy.to(dtype), t, batch["input_ids"]).float()
+    per_row = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    return (per_row * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def deepspeed_config(cfg: FinetuneSDConfig, per_worker: int, bf16: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": per_worker, "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.optim.grad_clip, "zero_optimization": zero, "bf16": {"enabled": bf16},
+            # a torch AdamW (or DeepSpeedCPUAdam with offload) instead of DeepSpeed's CUDA-only FusedAdam
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def _to(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def sample_images(parts: dict[str, Any], denoiser: Denoiser, prompts: list[str], negative: str, steps: int,
+                  resolution: int, seed: int, device: torch.device) -> np.ndarray:
+    """(N, 3, R, R) uint8 images of ``prompts`` with the current weights (DDIM, fixed seed)."""
+    pipe = pipeline({**parts, "unet": denoiser.unet, "text_encoder": denoiser.text_encoder})
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i, p in enumerate(prompts):
+        g = torch.Generator(device=device.type).manual_seed(seed + i)
+        img = pipe(p, negative_prompt=negative or None, num_inference_steps=steps, height=resolution,
+                   width=resolution, generator=g, output_type="np").images[0]
+        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def save_pipeline(parts: dict[str, Any], denoiser: Denoiser, uri: str) -> None:
+    """A diffusers pipeline directory at ``uri`` (local or s3://), weights in fp32, DDIM sampler."""
+    pipe = pipeline({**parts, "unet": denoiser.unet.float(), "text_encoder": denoiser.text_encoder.float(),
+                     "vae": parts["vae"].float()})
+    if storage.is_s3(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe.save_pretrained(tmp)
+            storage.upload_dir(tmp, uri)
+    else:
+        pipe.save_pretrained(uri)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Per-worker loop. ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    setup_logging()
+    cfg = from_dict(FinetuneSDConfig, config["cfg"])
+    spe, rdir = int(config["steps_per_epoch"]), config["run_dir"]
+    total = cfg.optim.max_steps or spe * cfg.optim.epochs
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_worker = cfg.optim.batch_size // world
+    torch.manual_seed(cfg.optim.seed + rank)
+    device = ray.train.torch.get_device()
+    bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and device.type == "cuda")
+
+    parts = load_components(cfg.model)
+    counts = freeze(parts, cfg.optim)
+    vae, scheduler = parts["vae"].to(device, torch.bfloat16 if bf16 else torch.float32), parts["noise_scheduler"]
+    denoiser = Denoiser(parts["unet"], parts["text_encoder"])
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    warm = cfg.optim.warmup_steps
+
+    def lr_lambda(s: int) -> float:
+        return min(1.0, (s + 1) / warm) if warm else 1.0
+
+    ds_on = cfg.deepspeed.enabled
+    if ds_on and cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optim = DeepSpeedCPUAdam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                 weight_decay=cfg.optim.weight_decay)
+    else:
+        optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda)
+    if ds_on:
+        import deepspeed
+
+        engine, optim, _, sched = deepspeed.initialize(
+            model=denoiser, optimizer=optim, lr_scheduler=sched,
+            config=deepspeed_config(cfg, per_worker, bf16))
+        model, core = engine, engine.module
+    else:
+        model = ray.train.torch.prepare_model(denoiser)
+        core = model.module if hasattr(model, "module") else model
+        engine = None
+    step, resumed_from = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            if engine is not None:
+                _, client = engine.load_checkpoint(d, tag=DS_TAG)
+                step = int(client["step"])
+            else:
+                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+                core.load_state_dict(state["model"])
+                optim.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                step = int(state["step"])
+        resumed_from = step
+        if rank == 0:
+            log.info("[finetune] resumed from checkpoint at step %d/%d", step, total)
+
+    writer = local_tb = None
+    if rank == 0:
+        local_tb = Path(rdir) / "tensorboard" if not storage.is_s3(rdir) else Path(tempfile.mkdtemp()) / "tensorboard"
+        writer = SummaryWriter(str(local_tb), purge_step=step if step else None)
+        log.info("[finetune] %d workers, %s, %s, bf16=%s, trainable: unet %d, text encoder %d (vae %d), "
+                 "%d steps, global batch %d", world, device,
+                 f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if ds_on else "DDP", bf16, counts["unet"],
+                 counts["text_encoder"], counts["vae"], total, cfg.optim.batch_size)
+
+    def upload_tb() -> None:
+        if local_tb is not None and storage.is_s3(rdir):
+            storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
+
+    def samples() -> None:
+        gathered = None
+        if engine is not None and cfg.deepspeed.zero_stage == 3:  # partitioned: gather on every rank
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(core.parameters()))
+            gathered.__enter__()
+        try:
+            if rank == 0:
+                imgs = sample_images(parts, core, cfg.run.sample_prompts, cfg.run.negative_prompt,
+                                     cfg.run.sample_steps, cfg.data.resolution, cfg.optim.seed, device)
+                writer.add_images("samples", imgs, step, dataformats="NCHW")
+                writer.add_text("samples/prompts", " | ".join(cfg.run.sample_prompts) +
+                                f"  (negative: {cfg.run.negative_prompt!r})", step)
+        finally:
+            if gathered is not None:
+                gathered.__exit__(None, None, None)
+
+    bad = seen = 0.0
+    last_loss, t_train, since_log, t_log = float("nan"), 0.0, 0, time.perf_counter()
+    start_step = step
+
+    def reduce(*values: float) -> list[float]:
+        if world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def checkpoint(epoch: int) -> None:
+        nbad, nseen, loss_sum = reduce(bad, seen, last_loss)
+        metrics = {"step": step, "epoch": epoch, "loss": loss_sum / world, "bad_rows": int(nbad),
+                   "rows_seen": int(nseen), "samples_per_s": (step - start_step) * cfg.optim.batch_size
+                   / max(t_train, 1e-9), "lr": sched.get_last_lr()[0]}
+        if resumed_from is not None:
+            metrics["resumed_from_step"] = resumed_from
+        with tempfile.TemporaryDirectory() as tmp:
+            if engine is not None:  # every rank writes its ZeRO shard; Ray Train merges the ranks' folders
+                engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
+                report = ray.train.Checkpoint.from_directory(tmp)
+            elif rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optim.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step}, Path(tmp) / STATE_FILE)
+                report = ray.train.Checkpoint.from_directory(tmp)
+            else:
+                report = None
+            if rank == 0:
+                Path(tmp, "meta.json").write_text(json.dumps(metrics, indent=1))
+                writer.flush()
+                upload_tb()
+            ray.train.report(metrics, checkpoint=report)
+
+    model.train()
+    shard = ray.train.get_dataset_shard("train")
+    epoch = step // spe if spe else 0
+    while step < total:
+        skip = step - epoch * spe
+        it = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+                                           prefetch_batches=cfg.data.prefetch_batches))
+        for i in range(spe):
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                raise DataError(f"train shard of worker {rank} ran out after {i} of {spe} batches")
+            if i < skip:
+                continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+            batch = _to(batch, device)
+            nvalid = float(batch["valid"].sum())
+            bad += per_worker - nvalid
+            seen += per_worker
+            if seen >= cfg.data.min_rows_for_bad_rate and bad / seen > cfg.data.max_bad_row_rate:
+                raise DataError(f"worker {rank}: {int(bad)} of {int(seen)} fine-tune rows ({bad / seen:.1%}) had "
+                                f"unusable images, more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}")
+            loss = diffusion_loss(model, vae, scheduler, batch)
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()  # optimizer, clipping and the lr scheduler
+            else:
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optim.step()
+                sched.step()
+            last_loss = float(loss.detach())
+            step += 1
+            since_log += 1
+            t_train += time.perf_counter() - t0
+            if cfg.run.fail_at_step and step == cfg.run.fail_at_step and rank == 0 \
+                    and not storage.exists(storage.join(rdir, FAULT_MARKER)):
+                storage.write_text(storage.join(rdir, FAULT_MARKER), f"worker killed at step {step}\n")
+                time.sleep(5)  # past the controller's next poll, so the last reported checkpoint is registered
+                log.warning("[finetune] fault injection: worker exits at step %d", step)
+                os._exit(1)
+            if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total):
+                dt = time.perf_counter() - t_log
+                sps = since_log * cfg.optim.batch_size / max(dt, 1e-9)
+                writer.add_scalar("train/loss", last_loss, step)
+                writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+                writer.add_scalar("train/samples_per_s", sps, step)
+                writer.add_scalar("train/bad_rows", bad, step)
+                log.info("[finetune] epoch %d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f samples/s  bad rows %d",
+                         epoch + 1, step, total, 100 * step / total, last_loss, sched.get_last_lr()[0], sps,
+                         int(bad))
+                since_log, t_log = 0, time.perf_counter()
+            every = cfg.run.sample_every_steps
+            if every > 0 and step % every == 0 and step < total:
+                samples()
+            if step % cfg.run.checkpoint_every_steps == 0 or step == total:
+                checkpoint(epoch)
+        del it
+        epoch += 1
+    if cfg.run.sample_every_steps >= 0 and step > start_step:
+        samples()
+    if cfg.run.save_pipeline:
+        gathered = None
+        if engine is not None and cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(core.parameters()))
+            gathered.__enter__()
+        try:
+            if rank == 0:
+                save_pipeline(parts, core, storage.join(rdir, "pipeline"))
+                log.info("[finetune] pipeline saved to %s", storage.join(rdir, "pipeline"))
+        finally:
+            if gathered is not None:
+                gathered.__exit__(None, None, None)
+    if writer is not None:
+        writer.close()
+        upload_tb()
+
+
+def _run_dir(cfg: FinetuneSDConfig) -> str:
+    from sr_ray.train import absolute_storage
+
+    return storage.join(absolute_storage(cfg.run.storage_path), cfg.run.name)
+
+
+def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
+    """Run the whole job; returns (and writes as ``summary.json``) the summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sr_ray.train import absolute_storage
+
+    check_model(cfg.model)
+    if cfg.optim.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "
+                          f"scaling.num_workers={cfg.scaling.num_workers}")
+    if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage > 0 and cfg.scaling.num_workers == 1:
+        log.warning("[finetune] ZeRO-%d over one worker shards nothing", cfg.deepspeed.zero_stage)
+    uri = cfg.data.train
+    if uri is None:
+        selected = Path("runs/sd-finetune-demo")
+        uri = str(selected.resolve()) if any(selected.glob("part-*.parquet")) else \
+            ensure_demo_finetune_set(cfg.data.demo, cfg.run.negative_prompt)
+    cfg = replace(cfg, data=replace(cfg.data, train=uri),
+                  run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path)))
+    info = preflight(cfg.data, uri)
+    per_worker = cfg.optim.batch_size // cfg.scaling.num_workers
+    spe = (info.rows // cfg.scaling.num_workers) // per_worker
+    if spe < 1:
+        raise DataError(f"data.train has {info.rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
+    rdir = _run_dir(cfg)
+    storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
+    log.info("[finetune] run dir %s; fine-tune set %s: %d rows %s", rdir, uri, info.rows, info.sources)
+
+    init_ray(cfg.run.ray_address)
+    dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    fs, storage_path = None, cfg.run.storage_path
+    if storage.is_s3(storage_path):
+        fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": spe, "run_dir": rdir},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
+        datasets={"train": dataset},
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    m = result.metrics or {}
+    parts = load_components(cfg.model)
+    counts = freeze(parts, cfg.optim)
+    summary = {
+        "run_dir": rdir, "pipeline": storage.join(rdir, "pipeline") if cfg.run.save_pipeline else None,
+        "checkpoint": storage.to_uri(result.checkpoint.path, fs is not None) if result.checkpoint else None,
+        "steps": m.get("step"), "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
+        "bad_rows": m.get("bad_rows"), "rows_seen": m.get("rows_seen"),
+        "resumed_from_step": m.get("resumed_from_step"), "train_rows": info.rows, "sources": info.sources,
+        "trainable_params": {k: v for k, v in counts.items()}, "model": cfg.model.name,
+        "deepspeed": f"ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else None,
+        "workers": cfg.scaling.num_workers, "wall_s": round(wall, 1),
+    }
+    storage.write_text(storage.join(rdir, "summary.json"), json.dumps(summary, indent=1))
+    return summary
