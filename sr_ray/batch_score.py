@@ -196,10 +196,13 @@ class GenerationScorer:
                  text_cache_size: int = 100_000, torch_threads: int = 0):
         import torch
 
-        self.threads = torch_threads or torch.get_num_threads()
-
         from sr_ray.model import tokenizer
+        from sr_ray.ray_utils import in_ray_worker, worker_prints_to_stderr
         from sr_ray.score import load_model
+
+        if in_ray_worker():
+            worker_prints_to_stderr()
+        self.threads = torch_threads or torch.get_num_threads()
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.cfg = load_model(checkpoint, self.device)

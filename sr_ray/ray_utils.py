@@ -52,3 +52,21 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None,
     if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1":
         ctx.enable_progress_bars = False
         ctx.enable_operator_progress_bars = False
+
+
+def in_ray_worker() -> bool:
+    """True inside a Ray task or actor (not in a driver, nor when a test calls a stage in-process)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def worker_prints_to_stderr() -> None:
+    """In a Ray worker: send Python-level prints (libraries' banners, e.g. DeepSpeed's op build) to stderr.
+
+    Ray forwards a worker's stdout to the driver's stdout, asynchronously; a job's last
+    stdout line must be its JSON summary, so workers keep stdout free.
+    """
+    import sys
+
+    sys.stdout = sys.stderr

@@ -68,7 +68,7 @@ class SelectConfig:
     regularization: str | None = None
     """Parquet file or folder with caption + image (bytes) or image_uri; none: the demo regularization set
     (only with the demo scores; otherwise give one or set regularization_ratio=0)."""
-    out: str = "./runs/sd-finetune-demo"
+    out: str = "./runs/finetune-set-demo"
     min_images: int = 2
     """Prompts with fewer scored images are skipped."""
     margin: float = 0.0

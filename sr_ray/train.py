@@ -25,7 +25,7 @@ import torch
 
 from sr_ray import storage
 from sr_ray.cli import setup_logging
-from sr_ray.ray_utils import init_ray
+from sr_ray.ray_utils import init_ray, worker_prints_to_stderr
 from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
 from sr_ray.losses import LossConfig, compute_loss
@@ -229,6 +229,7 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
+    worker_prints_to_stderr()
     setup_logging()
     cfg = from_dict(TrainRewardConfig, config["cfg"])
     steps_per_epoch, rdir = int(config["steps_per_epoch"]), config["run_dir"]

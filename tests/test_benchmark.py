@@ -1,5 +1,7 @@
 """The training benchmark runs and compares like with like (memory-fed, so it needs no Ray)."""
 
+import pytest
+
 from jobs.benchmark_train import main
 
 
@@ -25,3 +27,11 @@ def test_scoring_benchmark_times_both_sides_on_the_same_images(ray_cluster, tmp_
     assert run["max_abs_score_diff"] < 1e-5  # the same scores
     assert abs(run["ratio_vs_authors"] - run["images_per_s"] / r["authors"]["images_per_s"]) < 0.01
     assert (tmp_path / "out" / "results.md").exists() and "sr-ray torch, 1 actor(s)" in capsys.readouterr().out
+
+
+def test_finetune_variants_are_known():
+    from sr_ray.diffusion.benchmark import VARIANTS, BenchFinetuneConfig
+
+    assert {"ddp", "zero2", "zero2+latents"} <= set(VARIANTS)
+    with pytest.raises(ValueError, match="variants"):
+        BenchFinetuneConfig(variants=["zero9"])

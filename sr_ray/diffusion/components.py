@@ -22,12 +22,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+SD21_RANDOM = "sd21-base-random"
 
 
 @dataclass
 class SDModelConfig:
     name: str = TINY
-    """tiny (built in code), a diffusers model directory (local or s3://), or a hub id
+    """tiny (built in code), sd21-base-random (SD 2.1-base's architecture with random weights, built in code:
+    for throughput benchmarks on a GPU), a diffusers model directory (local or s3://), or a hub id
     (stabilityai/stable-diffusion-2-1-base: the paper's model)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""
@@ -98,6 +100,35 @@ def tiny_components(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") -
             "noise_scheduler": scheduler}
 
 
+def sd21_base_random(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") -> dict[str, Any]:
+    """SD 2.1-base's architecture (865M-parameter U-Net, OpenCLIP-H text encoder, 4-level VAE), random weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+            use_linear_projection=True)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, hidden_act="gelu", projection_dim=512, max_position_embeddings=77,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), latent_channels=4,
+            layers_per_block=2, sample_size=512)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    tokenizer = clip_bpe_tokenizer(Path(os.path.expanduser(cache_dir)) / "tokenizer")
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "noise_scheduler": scheduler}
+
+
 def _local(name: str) -> str:
     """A model directory on S3 is copied to a local temporary folder once per process."""
     from sr_ray import storage
@@ -118,6 +149,8 @@ def load_components(cfg: SDModelConfig) -> dict[str, Any]:
     """U-Net, VAE, text encoder, tokenizer and a DDPM training scheduler (the model's own config)."""
     if cfg.name == TINY:
         parts = tiny_components(cfg.seed)
+    elif cfg.name == SD21_RANDOM:
+        parts = sd21_base_random(cfg.seed)
     else:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -143,7 +176,7 @@ def check_model(cfg: SDModelConfig) -> None:
     """Fail before Ray starts when a local model directory lacks a component (names the folder)."""
     from sr_ray import storage
 
-    if cfg.name == TINY or storage.is_s3(cfg.name) or not os.path.exists(cfg.name):
+    if cfg.name in (TINY, SD21_RANDOM) or storage.is_s3(cfg.name) or not os.path.exists(cfg.name):
         return  # hub ids and S3 are checked where they load
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                if not os.path.isdir(os.path.join(cfg.name, c))]

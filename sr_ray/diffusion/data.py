@@ -90,10 +90,10 @@ def preflight(cfg: FinetuneDataConfig, uri: str) -> SetInfo:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_json: str):
-    from sr_ray.diffusion.components import TINY, SDModelConfig, clip_bpe_tokenizer, _local
+    from sr_ray.diffusion.components import SD21_RANDOM, TINY, SDModelConfig, _local, clip_bpe_tokenizer
 
     m = SDModelConfig(**json.loads(model_json))
-    if m.name == TINY:
+    if m.name in (TINY, SD21_RANDOM):
         import os
         from pathlib import Path
 

@@ -34,7 +34,7 @@ from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.data import DataError
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline
 from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
-from sr_ray.ray_utils import init_ray
+from sr_ray.ray_utils import init_ray, worker_prints_to_stderr
 
 log = logging.getLogger("sr_ray.finetune")
 
@@ -230,6 +230,7 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
+    worker_prints_to_stderr()
     setup_logging()
     cfg = from_dict(FinetuneSDConfig, config["cfg"])
     spe, rdir = int(config["steps_per_epoch"]), config["run_dir"]
@@ -338,6 +339,8 @@ def train_func(config: dict[str, Any]) -> None:
                    / max(t_train, 1e-9), "lr": sched.get_last_lr()[0]}
         if resumed_from is not None:
             metrics["resumed_from_step"] = resumed_from
+        if device.type == "cuda":
+            metrics["peak_gpu_mem_gb"] = reduce(torch.cuda.max_memory_allocated() / 2**30)[0] / world
         with tempfile.TemporaryDirectory() as tmp:
             if engine is not None:  # every rank writes its ZeRO shard; Ray Train merges the ranks' folders
                 engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
@@ -458,7 +461,9 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
         log.warning("[finetune] ZeRO-%d over one worker shards nothing", cfg.deepspeed.zero_stage)
     uri = cfg.data.train
     if uri is None:
-        selected = Path("runs/sd-finetune-demo")
+        from sr_ray.select import SelectConfig
+
+        selected = Path(SelectConfig().out)  # the selection demo's output, when it has run here
         uri = str(selected.resolve()) if any(selected.glob("part-*.parquet")) else \
             ensure_demo_finetune_set(cfg.data.demo, cfg.run.negative_prompt)
     cfg = replace(cfg, data=replace(cfg.data, train=uri),
@@ -501,7 +506,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
         "run_dir": rdir, "pipeline": storage.join(rdir, "pipeline") if cfg.run.save_pipeline else None,
         "checkpoint": storage.to_uri(result.checkpoint.path, fs is not None) if result.checkpoint else None,
         "steps": m.get("step"), "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
-        "bad_rows": m.get("bad_rows"), "rows_seen": m.get("rows_seen"),
+        "bad_rows": m.get("bad_rows"), "rows_seen": m.get("rows_seen"), "peak_gpu_mem_gb": m.get("peak_gpu_mem_gb"),
         "resumed_from_step": m.get("resumed_from_step"), "train_rows": info.rows, "sources": info.sources,
         "trainable_params": {k: v for k, v in counts.items()}, "model": cfg.model.name,
         "deepspeed": f"ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else None,
