@@ -9,14 +9,8 @@ from sr_ray.cli import run_job
 from sr_ray.benchmark_curate import BenchCurateConfig, bench_curate, format_table
 
 
-def _run(cfg: BenchCurateConfig) -> dict:
-    result = bench_curate(cfg)
-    print(format_table(result), flush=True)
-    return result
-
-
 def main(argv=None) -> dict:
-    return run_job(BenchCurateConfig, _run, argv, None, __doc__)
+    return run_job(BenchCurateConfig, bench_curate, argv, None, __doc__, table=format_table)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,8 @@ from sr_ray.cli import run_job
 from sr_ray.diffusion.benchmark import BenchFinetuneConfig, bench_finetune, format_table
 
 
-def _run(cfg: BenchFinetuneConfig) -> dict:
-    result = bench_finetune(cfg)
-    print(format_table(result), flush=True)
-    return result
-
-
 def main(argv=None) -> dict:
-    return run_job(BenchFinetuneConfig, _run, argv, None, __doc__)
+    return run_job(BenchFinetuneConfig, bench_finetune, argv, None, __doc__, table=format_table)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,8 @@ from sr_ray.benchmark_score import BenchScoreConfig, bench_score, format_table
 from sr_ray.cli import run_job
 
 
-def _run(cfg: BenchScoreConfig) -> dict:
-    result = bench_score(cfg)
-    print(format_table(result), flush=True)
-    return result
-
-
 def main(argv=None) -> dict:
-    return run_job(BenchScoreConfig, _run, argv, None, __doc__)
+    return run_job(BenchScoreConfig, bench_score, argv, None, __doc__, table=format_table)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,8 @@ from sr_ray.cli import run_job
 from sr_ray.benchmark import BenchTrainConfig, bench_train, format_table
 
 
-def _run(cfg: BenchTrainConfig) -> dict:
-    result = bench_train(cfg)
-    print(format_table(result), flush=True)
-    return result
-
-
 def main(argv=None) -> dict:
-    return run_job(BenchTrainConfig, _run, argv, None, __doc__)
+    return run_job(BenchTrainConfig, bench_train, argv, None, __doc__, table=format_table)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from sr_ray import images, storage
-from sr_ray.config import ConfigError
-from sr_ray.data import DataError
+from sr_ray.data import DataError, parquet_inputs
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +96,10 @@ class InputFile:
 
 def inspect_inputs(uri: str, endpoint: str | None) -> list[InputFile]:
     """Every input file's rows and columns, checked before Ray does any work (names file and column)."""
-    import pyarrow.parquet as pq
-
-    try:
-        paths = storage.list_files(uri, endpoint=endpoint)
-    except FileNotFoundError:
-        raise DataError(f"generations={uri}: no such file or folder") from None
-    if not paths:
-        raise DataError(f"generations={uri}: no .parquet files there")
-    fs, _ = storage.resolve(uri, endpoint)
     out, seen = [], collections.Counter()
-    for p in paths:
-        try:
-            with fs.open_input_file(p) as f:
-                meta = pq.ParquetFile(f)
-                schema, rows = meta.schema_arrow, meta.metadata.num_rows
-        except Exception as e:
-            raise DataError(f"generations: {p} is not a readable Parquet file ({e})") from None
-        cols = schema.names
-        lacking = [c for c in (ID, PROMPT) if c not in cols]
-        if lacking or (IMAGE not in cols and URI not in cols):
-            raise DataError(f"generations: {p} lacks column(s) {lacking or [IMAGE + ' or ' + URI]}; expected "
-                            f"{ID}, {PROMPT} and {IMAGE} (bytes) or {URI}; has {cols}")
-        if IMAGE in cols and not str(schema.field(IMAGE).type).startswith(("binary", "large_binary")):
-            raise DataError(f"generations: {p} column {IMAGE} is {schema.field(IMAGE).type}, expected binary")
+    for f in parquet_inputs(uri, "generations", [ID, PROMPT], [IMAGE, URI], [IMAGE], endpoint,
+                            expected=f"expected {ID}, {PROMPT} and {IMAGE} (bytes) or {URI}"):
+        p, rows, cols = f.path, f.rows, f.schema.names
         stem = posixpath.splitext(posixpath.basename(p))[0]
         seen[stem] += 1
         shard = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
@@ -202,7 +181,8 @@ class GenerationScorer:
 
         if in_ray_worker():
             worker_prints_to_stderr()
-        self.threads = torch_threads or torch.get_num_threads()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.cfg = load_model(checkpoint, self.device)
@@ -254,8 +234,6 @@ class GenerationScorer:
         from sr_ray.model import RewardModel
         from sr_ray.score import inference_autocast
 
-        if torch.get_num_threads() != self.threads:  # a fused decode stage in this process may have changed it
-            torch.set_num_threads(self.threads)
         n = len(batch[ID])
         ok = np.array([not r for r in batch["reason"]], dtype=bool)
         scores = np.full(n, np.nan, dtype=np.float32)
@@ -360,7 +338,8 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     checkpoint = cfg.checkpoint or demo_checkpoint()
     model_cfg = checkpoint_model_config(checkpoint)
     total = sum(f.rows for f in files)
-    finished = {f.shard for f in files if storage.exists(storage.join(cfg.out, f.shard), endpoint)}
+    present = storage.data_file_names(cfg.out, endpoint)
+    finished = {f.shard for f in files if f.shard in present}
     todo = [f for f in files if f.shard not in finished]
     scored = rejected = 0
     for shard in finished:

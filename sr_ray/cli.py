@@ -39,8 +39,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, default=str), flush=True)
 
 
-def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path | None, doc: str) -> dict[str, Any]:
+def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path | None, doc: str,
+            table=None) -> dict[str, Any]:
     """The whole life of a job script: logging, config, ``fn(cfg)``, the JSON summary as the last line.
+
+    ``table``: a benchmark's ``format_table(result)``, printed before the summary.
 
     A :class:`~sr_ray.data.DataError` (bad input) ends the job with its message and status 1;
     a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
@@ -56,5 +59,7 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if table is not None:
+        print(table(summary), flush=True)
     print_summary(summary)
     return summary

@@ -18,7 +18,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -34,6 +34,46 @@ PATHS = ("pos_path", "neg_path")
 
 class DataError(ValueError):
     """Bad input data; the message names the split, file, column or row."""
+
+
+@dataclass
+class ParquetInput:
+    path: str     # the filesystem's own path
+    rows: int
+    schema: Any   # pyarrow.Schema
+
+
+def parquet_inputs(uri: str, what: str, need: Sequence[str], one_of: Sequence[str] = (),
+                   binary: Sequence[str] = (), endpoint: str | None = None, expected: str = "") -> list[ParquetInput]:
+    """The Parquet files under ``uri`` with their rows and schema, from the footers, each checked before Ray
+    starts: ``need`` columns present, at least one of ``one_of``, ``binary`` columns (where present) bytes.
+    Errors name ``what``, the file and the column; ``expected`` describes the contract in them."""
+    try:
+        paths = storage.list_files(uri, endpoint=endpoint)
+    except FileNotFoundError:
+        raise DataError(f"{what}={uri}: no such file or folder") from None
+    if not paths:
+        raise DataError(f"{what}={uri}: no .parquet files there")
+    fs, _ = storage.resolve(uri, endpoint)
+    out = []
+    for p in paths:
+        try:
+            with fs.open_input_file(p) as f:
+                meta = pq.ParquetFile(f)
+                schema, rows = meta.schema_arrow, meta.metadata.num_rows
+        except Exception as e:
+            raise DataError(f"{what}: {p} is not a readable Parquet file ({e})") from None
+        cols = schema.names
+        lacking = [c for c in need if c not in cols]
+        if one_of and not any(c in cols for c in one_of):
+            lacking.append(" or ".join(one_of))
+        if lacking:
+            raise DataError(f"{what}: {p} lacks column(s) {lacking}; {expected + '; ' if expected else ''}has {cols}")
+        for c in binary:
+            if c in cols and not str(schema.field(c).type).startswith(("binary", "large_binary")):
+                raise DataError(f"{what}: {p} column {c} is {schema.field(c).type}, expected binary")
+        out.append(ParquetInput(p, rows, schema))
+    return out
 
 
 @dataclass
@@ -178,12 +218,14 @@ def prompt_id(prompt: str) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _prep_state(model_json: str) -> tuple[Any, Any]:
-    """(image transform, tokenizer), built once per worker process and model config."""
-    import torch
+    """(image transform, tokenizer), built once per worker process and model config.
 
+    Threads are left alone: Ray gives a task or actor as many intra-op threads as its CPUs (1 for
+    fractional ones), and a process that also runs a model (a scorer actor into which Ray Data
+    fused this stage, a driver scoring in-process) keeps its own setting.
+    """
     from sr_ray import model as model_lib
 
-    torch.set_num_threads(1)
     mcfg = model_lib.ModelConfig(**json.loads(model_json))
     return model_lib.image_transform(model_lib.preprocess_cfg(mcfg)), model_lib.tokenizer(mcfg)
 

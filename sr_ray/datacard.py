@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 import numpy as np
 
-from sr_ray import storage
+from sr_ray import images, storage
 from sr_ray.config import to_dict
 
 
@@ -59,11 +58,7 @@ def plot(hist: dict[str, np.ndarray], threshold: float, cutoff: int) -> bytes:
     b.set_ylabel("images")
     b.set_title("Exposure")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return images.figure_png(fig)
 
 
 def markdown(summary: dict[str, Any]) -> str:

@@ -57,6 +57,17 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the jobs' plots), laid out tight; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """A ``size`` x ``size`` picture whose dominant object has ``colour`` and ``shape``.
 

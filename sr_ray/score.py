@@ -9,7 +9,6 @@ rest comes from the ``pretrained`` weights named in ``model_config``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -48,20 +47,9 @@ def save_model(path: str | os.PathLike, model: RewardModel, cfg: ModelConfig, fu
     torch.save(model_state(model, cfg, full), Path(path) / MODEL_FILE)
 
 
-def _local_dir(checkpoint: str) -> str:
-    if not storage.is_s3(checkpoint):
-        return checkpoint
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(checkpoint)
-    tmp = tempfile.mkdtemp(prefix="sr-ray-ckpt-")
-    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return tmp
-
-
 def model_file(checkpoint: str) -> Path:
     """The local ``model.pt`` of a checkpoint folder (local or s3://, copied once) or file; FileNotFoundError if none."""
-    local = Path(_local_dir(str(checkpoint)))
+    local = Path(storage.local_copy(str(checkpoint), "sr-ray-ckpt-"))
     f = local / MODEL_FILE if local.is_dir() else local
     if not f.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {MODEL_FILE} (not an sr-ray reward checkpoint)")

@@ -33,7 +33,6 @@ validates the images and writes it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ import pyarrow.compute as pc
 
 from sr_ray import images, storage
 from sr_ray.config import ConfigError, to_dict
-from sr_ray.data import DataError
+from sr_ray.data import DataError, parquet_inputs
 
 log = logging.getLogger(__name__)
 
@@ -124,31 +123,6 @@ def row_key(seed: int, ident: str) -> int:
 
 
 # --- checks before Ray -------------------------------------------------------------------------------------------
-
-def _parquet_files(uri: str, what: str, need: list[str], one_of: list[str], endpoint: str | None) -> list[str]:
-    """Paths of the Parquet files under ``uri``, each checked for its columns (file and column named)."""
-    import pyarrow.parquet as pq
-
-    try:
-        paths = storage.list_files(uri, endpoint=endpoint)
-    except FileNotFoundError:
-        raise DataError(f"{what}={uri}: no such file or folder") from None
-    if not paths:
-        raise DataError(f"{what}={uri}: no .parquet files there")
-    fs, _ = storage.resolve(uri, endpoint)
-    for p in paths:
-        try:
-            with fs.open_input_file(p) as f:
-                cols = pq.ParquetFile(f).schema_arrow.names
-        except Exception as e:
-            raise DataError(f"{what}: {p} is not a readable Parquet file ({e})") from None
-        lacking = [c for c in need if c not in cols]
-        if one_of and not any(c in cols for c in one_of):
-            lacking.append(" or ".join(one_of))
-        if lacking:
-            raise DataError(f"{what}: {p} lacks column(s) {lacking}; has {cols}")
-    return paths
-
 
 def _generations_of(cfg: SelectConfig, scores: str) -> str:
     if cfg.generations:
@@ -344,11 +318,7 @@ def plot(best: np.ndarray, worst: np.ndarray, gap_all: np.ndarray, margin: float
     b.set_ylabel("prompts")
     b.set_title(f"Score gap, all prompts with enough images (n={len(gap_all):,})")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return images.figure_png(fig)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -401,7 +371,6 @@ def _check_out(cfg: SelectConfig, settings: dict) -> None:
 
 def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     """Best/worst per prompt + regularization -> shuffled fine-tune shards and a report; returns the summary."""
-    import pyarrow.parquet as pq
     import ray
     import ray.data
 
@@ -415,9 +384,11 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
                           "or set regularization_ratio=0 to select without one")
     init_ray(cfg.ray_address)
     scores = _demo_scores(cfg) if demo else cfg.scores
-    score_files = _parquet_files(scores, "scores", ["generation_id", "prompt", "score"], [], endpoint)
+    score_inputs = parquet_inputs(scores, "scores", ["generation_id", "prompt", "score"], endpoint=endpoint)
+    score_files, rows = [f.path for f in score_inputs], sum(f.rows for f in score_inputs)
     generations = _generations_of(cfg, scores)
-    gen_files = _parquet_files(generations, "generations", ["generation_id"], ["image", "image_uri"], endpoint)
+    gen_files = [f.path for f in parquet_inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
+                                                ["image"], endpoint)]
     reg_uri = None
     if cfg.regularization_ratio > 0:
         if cfg.regularization is None:
@@ -426,12 +397,9 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
             reg_uri = ensure_demo_regularization(cfg.demo)
         else:
             reg_uri = cfg.regularization
-        reg_files = _parquet_files(reg_uri, "regularization", ["caption"], ["image", "image_uri"], endpoint)
+        reg_inputs = parquet_inputs(reg_uri, "regularization", ["caption"], ["image", "image_uri"], ["image"],
+                                    endpoint)
     sfs, _ = storage.resolve(scores, endpoint)
-    rows = 0
-    for p in score_files:
-        with sfs.open_input_file(p) as f:
-            rows += pq.ParquetFile(f).metadata.num_rows
     log.info("[select] %d scored generations in %d shard(s) under %s", rows, len(score_files), scores)
 
     # pass 1: best and worst per prompt
@@ -454,11 +422,7 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     reg_plan: list[tuple[str, int]] = []
     reg_available = 0
     if n_reg_want:
-        rfs, _ = storage.resolve(reg_uri, endpoint)
-        sizes = []
-        for p in reg_files:
-            with rfs.open_input_file(p) as f:
-                sizes.append(pq.ParquetFile(f).metadata.num_rows)
+        sizes = [f.rows for f in reg_inputs]
         reg_available = int(sum(sizes))
         if reg_available < n_reg_want:
             log.warning("[select] regularization set has %d rows, fewer than the %d asked for (ratio %g): "
@@ -467,7 +431,7 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
                                                                replace=False))
         starts = np.cumsum([0] + sizes)
         fi = np.searchsorted(starts, picks, side="right") - 1
-        reg_plan = [(reg_files[f], int(r - starts[f])) for f, r in zip(fi, picks)]
+        reg_plan = [(reg_inputs[f].path, int(r - starts[f])) for f, r in zip(fi, picks)]
     total = n_sel + len(reg_plan)
     n_shards = max(1, math.ceil(total / cfg.rows_per_shard))
     settings = {"scores": scores, "generations": generations, "regularization": reg_uri,
@@ -475,7 +439,8 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
                 "regularization_ratio": cfg.regularization_ratio, "seed": cfg.seed, "shards": n_shards,
                 "rows_per_shard": cfg.rows_per_shard}
     _check_out(cfg, settings)
-    finished = {s for s in range(n_shards) if storage.exists(storage.join(cfg.out, shard_name(s)), endpoint)}
+    present = storage.data_file_names(cfg.out, endpoint)
+    finished = {s for s in range(n_shards) if shard_name(s) in present}
 
     ids = sel.column("best_id").to_pylist() + sel.column("worst_id").to_pylist()
     prompts = sel.column("prompt").to_pylist()

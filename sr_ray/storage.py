@@ -142,6 +142,29 @@ def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str 
     )
 
 
+def data_file_names(uri: str, endpoint: str | None = None) -> set[str]:
+    """Names of the data files (see :func:`list_files`) under ``uri`` in one listing; empty when it does not exist.
+
+    What a resumable job asks to find its finished shards (one listing, not one request per shard).
+    """
+    try:
+        return {posixpath.basename(p) for p in list_files(uri, endpoint=endpoint)}
+    except FileNotFoundError:
+        return set()
+
+
+def local_copy(uri: str, prefix: str = "sr-ray-") -> str:
+    """A local path to ``uri``'s contents: local paths as they are, an s3:// folder copied to a new temp folder."""
+    if not is_s3(uri):
+        return uri
+    import tempfile
+
+    fs, path = resolve(uri)
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint: str | None = None) -> None:
     """Copy a local directory tree to ``uri`` (no-op when it is the same local path)."""
     local_dir = Path(local_dir)

@@ -113,7 +113,8 @@ class TrainRewardConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def run_dir(cfg: TrainRewardConfig) -> str:
+def run_dir(cfg) -> str:
+    """``<storage_path>/<name>`` of a job config's ``run`` section (reward training, SD fine-tuning), absolute."""
     return storage.join(absolute_storage(cfg.run.storage_path), cfg.run.name)
 
 
@@ -156,7 +157,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _Reducer:
+class Reducer:
     """Sums numbers over workers (gloo or nccl); identity with one worker."""
 
     def __init__(self, device: torch.device):
@@ -178,7 +179,7 @@ def _batch_to(batch: dict, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, shard, cfg: TrainRewardConfig, device, autocast, reducer: _Reducer,
+def evaluate(model: RewardModel, shard, cfg: TrainRewardConfig, device, autocast, reducer: Reducer,
              per_worker_batch: int) -> dict[str, float]:
     """Pairwise accuracy (ties count half) and mean loss of ``model`` on a dataset shard, over all workers."""
     model.eval()
@@ -269,7 +270,7 @@ def train_func(config: dict[str, Any]) -> None:
             log.info("[train] resumed from checkpoint at step %d/%d", step, total_steps)
     model = ray.train.torch.prepare_model(model)  # device + DDP when world > 1
     core: RewardModel = model.module if hasattr(model, "module") else model
-    reducer = _Reducer(device)
+    reducer = Reducer(device)
 
     writer = None
     local_tb = None

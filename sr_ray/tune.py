@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sr_ray import storage
+from sr_ray import images, storage
 from sr_ray.config import ConfigError, from_dict, set_dotted, to_dict
 from sr_ray.train import TrainRewardConfig, absolute_storage, steps_per_epoch
 
@@ -219,11 +219,7 @@ def _plot(rows: list[dict], keys: list[str]) -> bytes:
         ax.set_ylabel("best val pairwise accuracy")
         ax.axhline(0.5, color="grey", ls=":")
     fig.suptitle("Sweep: best validation pairwise accuracy per trial (hollow: stopped early by ASHA)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return images.figure_png(fig)
 
 
 def _markdown(rows: list[dict], keys: list[str], summary: dict) -> str:

@@ -1,6 +1,5 @@
 """Batch scoring of generations: same scores as score(), prompts encoded once, rejects, resume, S3."""
 
-import json
 
 import numpy as np
 import pyarrow as pa

@@ -10,7 +10,7 @@ from sr_ray.data import DataError
 from sr_ray.demo import make_generations
 from sr_ray.diffusion.components import SDModelConfig, load_components
 from sr_ray.diffusion.data import FinetuneDataConfig, FinetunePreprocessor, preflight
-from sr_ray.diffusion.finetune import Denoiser, FinetuneOptimConfig, diffusion_loss, freeze
+from sr_ray.diffusion.finetune import FinetuneOptimConfig, diffusion_loss, freeze
 
 
 def test_freezing_counts_per_component():

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sr_ray import storage
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 SD21_RANDOM = "sd21-base-random"
+TOKENIZER_CACHE = "~/.cache/sr-ray/tiny-sd/tokenizer"
 
 
 @dataclass
@@ -67,13 +70,13 @@ def clip_bpe_tokenizer(folder: str | os.PathLike, model_max_length: int = 77):
                          model_max_length=model_max_length)
 
 
-def tiny_components(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") -> dict[str, Any]:
+def tiny_components(seed: int = 0) -> dict[str, Any]:
     """A miniature SD 2.x: 2-block U-Net (cross-attention), 2-block VAE (4 latent channels, /2), 2-layer CLIP text.
 
     32 px images give 16 px latents; the same classes as the real model, so every code path is the real one.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     g = torch.random.fork_rng()
@@ -92,18 +95,13 @@ def tiny_components(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") -
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
             layers_per_block=1, norm_num_groups=8, sample_size=32)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False,
-                              steps_offset=1)
-    tokenizer = clip_bpe_tokenizer(Path(os.path.expanduser(cache_dir)) / "tokenizer")
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "noise_scheduler": scheduler}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
-def sd21_base_random(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") -> dict[str, Any]:
+def sd21_base_random(seed: int = 0) -> dict[str, Any]:
     """SD 2.1-base's architecture (865M-parameter U-Net, OpenCLIP-H text encoder, 4-level VAE), random weights."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng():
@@ -122,51 +120,48 @@ def sd21_base_random(seed: int = 0, cache_dir: str = "~/.cache/sr-ray/tiny-sd") 
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), latent_channels=4,
             layers_per_block=2, sample_size=512)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1)
-    tokenizer = clip_bpe_tokenizer(Path(os.path.expanduser(cache_dir)) / "tokenizer")
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "noise_scheduler": scheduler}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
-def _local(name: str) -> str:
-    """A model directory on S3 is copied to a local temporary folder once per process."""
-    from sr_ray import storage
+BUILT_IN = {TINY: tiny_components, SD21_RANDOM: sd21_base_random}
 
-    if not storage.is_s3(name):
-        return name
-    import tempfile
 
-    import pyarrow.fs as pafs
+def load_tokenizer(cfg: SDModelConfig):
+    """The model's CLIP tokenizer; for an s3:// model only its tokenizer folder is copied (data tasks call this)."""
+    if cfg.name in BUILT_IN:
+        return clip_bpe_tokenizer(Path(os.path.expanduser(TOKENIZER_CACHE)))
+    from transformers import CLIPTokenizer
 
-    fs, path = storage.resolve(name)
-    tmp = tempfile.mkdtemp(prefix="sr-ray-sd-")
-    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return tmp
+    kw = {"revision": cfg.revision} if cfg.revision else {}
+    if storage.is_s3(cfg.name):
+        return CLIPTokenizer.from_pretrained(storage.local_copy(storage.join(cfg.name, "tokenizer")), **kw)
+    return CLIPTokenizer.from_pretrained(cfg.name, subfolder="tokenizer", **kw)
 
 
 def load_components(cfg: SDModelConfig) -> dict[str, Any]:
     """U-Net, VAE, text encoder, tokenizer and a DDPM training scheduler (the model's own config)."""
-    if cfg.name == TINY:
-        parts = tiny_components(cfg.seed)
-    elif cfg.name == SD21_RANDOM:
-        parts = sd21_base_random(cfg.seed)
-    else:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
-        src = _local(cfg.name)
+    if cfg.name in BUILT_IN:
+        parts = BUILT_IN[cfg.name](cfg.seed)
+        # SD 2.x's training noise schedule
+        parts["noise_scheduler"] = DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src = storage.local_copy(cfg.name, "sr-ray-sd-")
         kw = {"revision": cfg.revision} if cfg.revision else {}
         parts = {
             "unet": UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw),
             "vae": AutoencoderKL.from_pretrained(src, subfolder="vae", **kw),
             "text_encoder": CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw),
-            "tokenizer": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
             "noise_scheduler": DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw),
         }
+    parts["tokenizer"] = load_tokenizer(cfg)
     if cfg.prediction_type:
-        from diffusers import DDPMScheduler
-
         parts["noise_scheduler"] = DDPMScheduler.from_config(parts["noise_scheduler"].config,
                                                              prediction_type=cfg.prediction_type)
     return parts
@@ -174,9 +169,7 @@ def load_components(cfg: SDModelConfig) -> dict[str, Any]:
 
 def check_model(cfg: SDModelConfig) -> None:
     """Fail before Ray starts when a local model directory lacks a component (names the folder)."""
-    from sr_ray import storage
-
-    if cfg.name in (TINY, SD21_RANDOM) or storage.is_s3(cfg.name) or not os.path.exists(cfg.name):
+    if cfg.name in BUILT_IN or storage.is_s3(cfg.name) or not os.path.exists(cfg.name):
         return  # hub ids and S3 are checked where they load
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                if not os.path.isdir(os.path.join(cfg.name, c))]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from sr_ray import images, storage
-from sr_ray.data import DataError
+from sr_ray.data import parquet_inputs
 
 log = logging.getLogger(__name__)
 
@@ -60,48 +60,25 @@ def preflight(cfg: FinetuneDataConfig, uri: str) -> SetInfo:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    try:
-        files = storage.list_files(uri, endpoint=cfg.s3_endpoint)
-    except FileNotFoundError:
-        raise DataError(f"data.train={uri}: no such file or folder") from None
-    if not files:
-        raise DataError(f"data.train={uri}: no .parquet files there")
+    inputs = parquet_inputs(uri, "data.train", COLUMNS, binary=["image"], endpoint=cfg.s3_endpoint,
+                            expected="a fine-tune set has prompt, image (bytes), source, generation_id "
+                                     "(see jobs/select_pairs.py)")
     fs, _ = storage.resolve(uri, cfg.s3_endpoint)
-    rows, sources = 0, {}
-    for p in files:
-        try:
-            with fs.open_input_file(p) as f:
-                pf = pq.ParquetFile(f)
-                schema = pf.schema_arrow
-                rows += pf.metadata.num_rows
-                src = pf.read(columns=["source"]).column("source") if "source" in schema.names else None
-        except Exception as e:
-            raise DataError(f"data.train: {p} is not a readable Parquet file ({e})") from None
-        lacking = [c for c in COLUMNS if c not in schema.names]
-        if lacking:
-            raise DataError(f"data.train: {p} lacks column(s) {lacking}; a fine-tune set has prompt, image (bytes), "
-                            f"source, generation_id (see jobs/select_pairs.py); has {schema.names}")
-        if not str(schema.field("image").type).startswith(("binary", "large_binary")):
-            raise DataError(f"data.train: {p} column image is {schema.field('image').type}, expected binary")
+    sources: dict[str, int] = {}
+    for f in inputs:
+        with fs.open_input_file(f.path) as fh:
+            src = pq.read_table(fh, columns=["source"]).column("source")
         for v, n in zip(*[x.to_pylist() for x in pc.value_counts(src).flatten()]):
             sources[v] = sources.get(v, 0) + n
+    files, rows = [f.path for f in inputs], sum(f.rows for f in inputs)
     return SetInfo(uri, files, rows, sources)
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_json: str):
-    from sr_ray.diffusion.components import SD21_RANDOM, TINY, SDModelConfig, _local, clip_bpe_tokenizer
+    from sr_ray.diffusion.components import SDModelConfig, load_tokenizer
 
-    m = SDModelConfig(**json.loads(model_json))
-    if m.name in (TINY, SD21_RANDOM):
-        import os
-        from pathlib import Path
-
-        return clip_bpe_tokenizer(Path(os.path.expanduser("~/.cache/sr-ray/tiny-sd")) / "tokenizer")
-    from transformers import CLIPTokenizer
-
-    kw = {"revision": m.revision} if m.revision else {}
-    return CLIPTokenizer.from_pretrained(_local(m.name), subfolder="tokenizer", **kw)
+    return load_tokenizer(SDModelConfig(**json.loads(model_json)))
 
 
 def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:

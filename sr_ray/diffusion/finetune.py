@@ -16,6 +16,7 @@ a diffusers pipeline directory (``<run>/pipeline``, ``save_pretrained``) that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from sr_ray.data import DataError
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline
 from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
 from sr_ray.ray_utils import init_ray, worker_prints_to_stderr
+from sr_ray.train import Reducer
 
 log = logging.getLogger("sr_ray.finetune")
 
@@ -303,38 +305,32 @@ def train_func(config: dict[str, Any]) -> None:
         if local_tb is not None and storage.is_s3(rdir):
             storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
 
-    def samples() -> None:
-        gathered = None
-        if engine is not None and cfg.deepspeed.zero_stage == 3:  # partitioned: gather on every rank
+    def full_params():
+        """Whole weights on every rank for the block: ZeRO-3 partitions them (every rank must enter)."""
+        if engine is not None and cfg.deepspeed.zero_stage == 3:
             import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters(list(core.parameters()))
-            gathered.__enter__()
-        try:
+            return deepspeed.zero.GatheredParameters(list(core.parameters()))
+        return contextlib.nullcontext()
+
+    def samples() -> None:
+        with full_params():
             if rank == 0:
                 imgs = sample_images(parts, core, cfg.run.sample_prompts, cfg.run.negative_prompt,
                                      cfg.run.sample_steps, cfg.data.resolution, cfg.optim.seed, device)
                 writer.add_images("samples", imgs, step, dataformats="NCHW")
                 writer.add_text("samples/prompts", " | ".join(cfg.run.sample_prompts) +
                                 f"  (negative: {cfg.run.negative_prompt!r})", step)
-        finally:
-            if gathered is not None:
-                gathered.__exit__(None, None, None)
 
     bad = seen = 0.0
     last_loss, t_train, since_log, t_log = float("nan"), 0.0, 0, time.perf_counter()
     start_step = step
 
-    def reduce(*values: float) -> list[float]:
-        if world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
+    reduce = Reducer(device).sum
     def checkpoint(epoch: int) -> None:
         nbad, nseen, loss_sum = reduce(bad, seen, last_loss)
         metrics = {"step": step, "epoch": epoch, "loss": loss_sum / world, "bad_rows": int(nbad),
+                   "trainable_params": counts,
                    "rows_seen": int(nseen), "samples_per_s": (step - start_step) * cfg.optim.batch_size
                    / max(t_train, 1e-9), "lr": sched.get_last_lr()[0]}
         if resumed_from is not None:
@@ -422,28 +418,13 @@ def train_func(config: dict[str, Any]) -> None:
     if cfg.run.sample_every_steps >= 0 and step > start_step:
         samples()
     if cfg.run.save_pipeline:
-        gathered = None
-        if engine is not None and cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(core.parameters()))
-            gathered.__enter__()
-        try:
+        with full_params():
             if rank == 0:
                 save_pipeline(parts, core, storage.join(rdir, "pipeline"))
                 log.info("[finetune] pipeline saved to %s", storage.join(rdir, "pipeline"))
-        finally:
-            if gathered is not None:
-                gathered.__exit__(None, None, None)
     if writer is not None:
         writer.close()
         upload_tb()
-
-
-def _run_dir(cfg: FinetuneSDConfig) -> str:
-    from sr_ray.train import absolute_storage
-
-    return storage.join(absolute_storage(cfg.run.storage_path), cfg.run.name)
 
 
 def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
@@ -451,7 +432,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sr_ray.train import absolute_storage
+    from sr_ray.train import absolute_storage, run_dir
 
     check_model(cfg.model)
     if cfg.optim.batch_size % cfg.scaling.num_workers:
@@ -473,7 +454,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     spe = (info.rows // cfg.scaling.num_workers) // per_worker
     if spe < 1:
         raise DataError(f"data.train has {info.rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
-    rdir = _run_dir(cfg)
+    rdir = run_dir(cfg)
     storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
     log.info("[finetune] run dir %s; fine-tune set %s: %d rows %s", rdir, uri, info.rows, info.sources)
 
@@ -500,15 +481,13 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     result = trainer.fit()
     wall = time.perf_counter() - t0
     m = result.metrics or {}
-    parts = load_components(cfg.model)
-    counts = freeze(parts, cfg.optim)
     summary = {
         "run_dir": rdir, "pipeline": storage.join(rdir, "pipeline") if cfg.run.save_pipeline else None,
         "checkpoint": storage.to_uri(result.checkpoint.path, fs is not None) if result.checkpoint else None,
         "steps": m.get("step"), "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
         "bad_rows": m.get("bad_rows"), "rows_seen": m.get("rows_seen"), "peak_gpu_mem_gb": m.get("peak_gpu_mem_gb"),
         "resumed_from_step": m.get("resumed_from_step"), "train_rows": info.rows, "sources": info.sources,
-        "trainable_params": {k: v for k, v in counts.items()}, "model": cfg.model.name,
+        "trainable_params": m.get("trainable_params"), "model": cfg.model.name,
         "deepspeed": f"ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else None,
         "workers": cfg.scaling.num_workers, "wall_s": round(wall, 1),
     }
