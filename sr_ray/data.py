@@ -264,7 +264,6 @@ class TripletPreprocessor:
 
         transform, tok = _prep_state(self.model_json)
         prompts = [str(p) if p is not None else "" for p in batch["prompt"]]
-        n = len(prompts)
         valid = np.array([bool(p.strip()) for p in prompts])
         size = None
         out_imgs: dict[str, list] = {}

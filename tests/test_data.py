@@ -10,7 +10,6 @@ from sr_ray import storage
 from sr_ray.config import to_dict
 from sr_ray.data import DataConfig, DataError, TripletPreprocessor, preflight, prompt_id, split_info
 from sr_ray.demo import DemoConfig, ensure_demo_data, make_triplets, write_split
-from sr_ray.images import checkerboard_png
 from sr_ray.model import ModelConfig, RewardModel, build_clip
 from sr_ray.score import pairwise_accuracy
 

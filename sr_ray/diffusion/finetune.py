@@ -136,6 +136,14 @@ class FinetuneSDConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
+def demo_config() -> FinetuneSDConfig:
+    """The embedded default of ``jobs/finetune_sd.py`` (its demo.yaml): tiny SD, ZeRO-2 over 2 CPU workers."""
+    cfg = FinetuneSDConfig()
+    cfg.optim.lr, cfg.optim.epochs = 1e-4, 2  # the tiny random model needs more than the paper's 1e-5
+    cfg.run.checkpoint_every_steps, cfg.run.log_every_steps, cfg.run.sample_steps = 40, 10, 10
+    return cfg
+
+
 class Denoiser(torch.nn.Module):
     """The trained part: text encoder -> U-Net noise prediction. One module, so DDP/DeepSpeed wrap both."""
 

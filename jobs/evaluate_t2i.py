@@ -1,0 +1,26 @@
+"""Evaluate baseline vs fine-tuned Stable Diffusion: paper Tables 5 (means) and 6 (win-rates), grids, best-of-N.
+
+    python jobs/evaluate_t2i.py                   # embedded default: tiny SD vs the fine-tune demo (run first if absent)
+    python jobs/evaluate_t2i.py baseline=<sd dir or hub id> finetuned=<run dir> prompts=prompts.txt
+    python jobs/evaluate_t2i.py --config jobs/configs/evaluate_t2i/paper.yaml \\
+        finetuned=$PWD/runs/sd21-social-reward metrics.social_reward_checkpoint=<reward checkpoint> \\
+        prompts=internal.txt,general.txt
+
+Writes <out>/table5.md|csv, table6.md|csv, win_rates.png, grid-<set>.png, scores.parquet, report.md (and
+best_of_n.* with best_of_n=<metric>). The last stdout line is JSON.
+"""
+
+from pathlib import Path
+
+from sr_ray.cli import run_job
+from sr_ray.evaluate import EvaluateT2IConfig, evaluate_t2i
+
+DEFAULT = Path(__file__).parent / "configs" / "evaluate_t2i" / "demo.yaml"
+
+
+def main(argv=None) -> dict:
+    return run_job(EvaluateT2IConfig, evaluate_t2i, argv, DEFAULT, __doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""Generate images for prompt sets with one or more Stable Diffusion models on Ray Data (paper sec. 4.3).
+
+``generate(cfg)`` draws ``images_per_prompt`` images per prompt for every model
+with DDIM (the paper: 4 images, 30 steps). Image ``i`` of a prompt starts from
+the noise of seed ``image_seed(seed, prompt, i)``, drawn on the CPU, so every
+model, prompt set, batch size and device sees the same noise and a baseline and
+its fine-tuned model differ only by their weights. A model named in
+``negative_for`` (default: ``finetuned``) gets the special token
+(``t@y quality``) as its negative prompt; the others get none.
+
+Models: ``tiny`` (built in code, as the fine-tune demo starts from), a diffusers
+model directory (local or ``s3://``), a fine-tuning run directory (its
+``pipeline/``), or a hub id (``stabilityai/stable-diffusion-2-1-base``).
+
+Prompt sets: files, one set per file named by its stem: ``.txt`` (a prompt per
+line; blank lines and ``#`` comments skipped), ``.csv``/``.tsv``/``.parquet``/
+``.jsonl`` with a ``prompt`` column (any case). None: two demo sets drawn in code.
+
+Ray Data: a row per (prompt set, prompt) -> ``map_batches`` over an actor pool of
+``ImageGenerator`` (each holds one model's pipeline; a GPU each with
+``use_gpu``) -> the driver writes a shard per ``prompts_per_shard`` prompts,
+atomically, to ``<out>/<model>/<set>-NNNNN.parquet`` in the generations contract
+(``generation_id``, ``prompt``, ``image`` PNG bytes, plus ``model``,
+``prompt_set``, ``prompt_index``, ``image_index``, ``seed``, ``negative_prompt``).
+A re-run skips finished shards; ``_generate.json`` records the settings and a
+re-run with other settings into the same ``out`` is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sr_ray import storage
+from sr_ray.config import ConfigError, to_dict
+
+log = logging.getLogger("sr_ray.generate")
+
+GENERATIONS_SCHEMA = pa.schema([
+    ("generation_id", pa.string()), ("model", pa.string()), ("prompt_set", pa.string()),
+    ("prompt_index", pa.int64()), ("image_index", pa.int64()), ("prompt", pa.string()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("image", pa.binary())])
+SETTINGS_FILE = "_generate.json"
+PROMPT_COLUMNS = ("prompt", "Prompt", "PROMPT", "caption", "text")
+
+
+@dataclass
+class SamplingConfig:
+    images_per_prompt: int = 4
+    """The paper: 4."""
+    steps: int = 30
+    """DDIM steps (the paper: 30)."""
+    guidance_scale: float = 7.5
+    resolution: int = 0
+    """Image side in pixels; 0: the model's own (512 for SD 2.1-base, 32 for tiny)."""
+    seed: int = 0
+    """Base seed: image i of prompt p starts from the noise of hash(seed, p, i), the same for every model."""
+    negative_prompt: str = "t@y quality"
+    """The special token of the worst images (select_pairs' token)."""
+    negative_for: list[str] = field(default_factory=lambda: ["finetuned"])
+    """Models that get ``negative_prompt`` as their negative prompt; the others get none."""
+
+    def __post_init__(self) -> None:
+        if self.images_per_prompt < 1 or self.steps < 1 or self.resolution < 0:
+            raise ValueError("images_per_prompt and steps must be >= 1, resolution >= 0")
+        if self.resolution % 8:
+            raise ValueError(f"resolution={self.resolution} is not a multiple of 8")
+
+
+@dataclass
+class GenComputeConfig:
+    batch_size: int = 8
+    """Images per pipeline call."""
+    prompts_per_shard: int = 16
+    num_actors: int = 1
+    """Generator actors per model (one GPU each with use_gpu)."""
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+    precision: str = "auto"
+    """auto: bf16 on GPU, fp32 on CPU; bf16; fp16; fp32."""
+    torch_threads: int = 0
+    """torch intra-op threads per actor on CPU (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.prompts_per_shard < 1 or self.num_actors < 1:
+            raise ValueError("batch_size, prompts_per_shard and num_actors must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError("precision must be auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class GenerateConfig:
+    models: dict[str, str] = field(default_factory=lambda: {"baseline": "tiny"})
+    """name -> tiny | diffusers model dir (local or s3://) | fine-tuning run dir | hub id."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt-set files (one set per file, named by its stem); empty: the demo sets."""
+    max_prompts: int = 0
+    """Use the first N prompts of each set (0: all)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    compute: GenComputeConfig = field(default_factory=GenComputeConfig)
+    out: str = "./runs/t2i-demo/generations"
+    s3_endpoint: str | None = None
+    ray_address: str | None = None
+    progress_every_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: name at least one model")
+        bad = [m for m in self.models if not m or "/" in m or m.startswith((".", "_"))]
+        if bad:
+            raise ValueError(f"models: {bad} cannot name a folder (no '/', no leading '.' or '_')")
+        if self.max_prompts < 0:
+            raise ValueError("max_prompts must be >= 0")
+
+
+# ---------------------------------------------------------------- prompts
+
+DEMO_SETS = {
+    # like the demo community's prompts ("internal") and a different phrasing ("general")
+    "internal": lambda rng: _demo_internal(rng),
+    "general": lambda rng: _demo_general(rng),
+}
+
+
+def _demo_internal(rng: np.random.Generator) -> str:
+    from sr_ray.demo import _prompt
+
+    return _prompt(rng)[0]
+
+
+def _demo_general(rng: np.random.Generator) -> str:
+    from sr_ray import images
+    from sr_ray.demo import SUBJECTS
+
+    return (f"a photo of a {rng.choice(list(images.COLOURS))} {rng.choice(SUBJECTS)} "
+            f"on a {rng.choice(['white', 'grey', 'black'])} background")
+
+
+def demo_prompt_sets(n: int = 12, seed: int = 0) -> dict[str, list[str]]:
+    """Two small demo prompt sets (distinct prompts, fixed order)."""
+    out = {}
+    for k, (name, draw) in enumerate(DEMO_SETS.items()):
+        rng, seen = np.random.default_rng(seed + k), []
+        while len(seen) < n:
+            p = draw(rng)
+            if p not in seen:
+                seen.append(p)
+        out[name] = seen
+    return out
+
+
+def read_prompt_file(uri: str, endpoint: str | None = None) -> list[str]:
+    """The prompts of one file (see the module doc); ConfigError naming the file when it has none or no column."""
+    data = storage.read_bytes(uri, endpoint)
+    suffix = Path(uri).suffix.lower()
+    if suffix in (".txt", ""):
+        lines = data.decode("utf-8").splitlines()
+        prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    else:
+        import pandas as pd
+
+        if suffix in (".csv", ".tsv"):
+            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8")), delimiter="\t" if suffix == ".tsv" else ","))
+            df = pd.DataFrame(rows)
+        elif suffix == ".parquet":
+            df = pd.read_parquet(io.BytesIO(data))
+        elif suffix == ".jsonl":
+            df = pd.read_json(io.BytesIO(data), lines=True)
+        else:
+            raise ConfigError(f"prompts: {uri}: unknown format {suffix} (txt, csv, tsv, parquet, jsonl)")
+        col = next((c for c in PROMPT_COLUMNS if c in df.columns), None)
+        if col is None:
+            raise ConfigError(f"prompts: {uri} has no prompt column (one of {PROMPT_COLUMNS}); "
+                              f"columns: {list(df.columns)}")
+        prompts = [str(p).strip() for p in df[col].dropna() if str(p).strip()]
+    if not prompts:
+        raise ConfigError(f"prompts: {uri} holds no prompts")
+    return prompts
+
+
+def load_prompt_sets(files: list[str], max_prompts: int = 0, endpoint: str | None = None) -> dict[str, list[str]]:
+    """{set name: prompts} from files (each set's duplicates dropped, order kept), or the demo sets."""
+    if not files:
+        sets = demo_prompt_sets()
+    else:
+        sets = {}
+        for f in files:
+            name = Path(f).stem
+            if name in sets:
+                raise ConfigError(f"prompts: two files make the prompt set {name!r}; rename one")
+            if name.startswith((".", "_")):
+                raise ConfigError(f"prompts: {f}: a set name cannot start with '.' or '_'")
+            if not storage.is_s3(f) and not os.path.exists(os.path.expanduser(f)):
+                raise ConfigError(f"prompts: {f} does not exist")
+            sets[name] = list(dict.fromkeys(read_prompt_file(f, endpoint)))
+    if max_prompts:
+        sets = {k: v[:max_prompts] for k, v in sets.items()}
+    return sets
+
+
+# ---------------------------------------------------------------- models
+
+def resolve_model(uri: str) -> str:
+    """A built-in name or hub id as is; a fine-tuning run dir -> its ``pipeline``; a model dir as is."""
+    from sr_ray.diffusion.components import BUILT_IN
+
+    if uri in BUILT_IN:
+        return uri
+    if storage.is_s3(uri):
+        run_pipe = storage.join(uri, "pipeline")
+        return run_pipe if storage.exists(storage.join(run_pipe, "model_index.json")) else uri
+    path = Path(os.path.expanduser(uri))
+    if (path / "pipeline" / "model_index.json").exists():
+        return str((path / "pipeline").resolve())
+    if path.exists():
+        return str(path.resolve())
+    return uri  # a hub id
+
+
+def check_models(models: dict[str, str]) -> dict[str, str]:
+    """{name: resolved uri}; ConfigError naming the model when a local path is not a diffusers pipeline."""
+    out = {}
+    for name, uri in models.items():
+        if not uri:
+            raise ConfigError(f"models.{name}: empty")
+        r = resolve_model(uri)
+        local = not storage.is_s3(r) and (os.path.exists(os.path.expanduser(r)) or r.startswith((".", "/", "~")))
+        if local and not os.path.exists(os.path.join(os.path.expanduser(r), "model_index.json")):
+            raise ConfigError(f"models.{name}={uri}: no diffusers pipeline there (no model_index.json, "
+                              f"nor pipeline/model_index.json of a finished fine-tuning run)")
+        out[name] = r
+    return out
+
+
+def load_pipeline(uri: str, revision: str | None = None):
+    """A ``StableDiffusionPipeline`` with a DDIM sampler, no safety checker, on the CPU in fp32."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from sr_ray.diffusion.components import BUILT_IN, SDModelConfig, load_components, pipeline
+
+    if uri in BUILT_IN:
+        return pipeline(load_components(SDModelConfig(name=uri)))
+    src = storage.local_copy(uri, "sr-ray-sd-") if storage.is_s3(uri) else uri
+    kw = {"revision": revision} if revision else {}
+    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False, **kw)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def image_seed(seed: int, prompt: str, index: int) -> int:
+    """The noise seed of image ``index`` of ``prompt``: the same for every model, set and batch."""
+    h = hashlib.sha256(f"{seed}\0{prompt}\0{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") % (2**63 - 1)
+
+
+def _dtype(precision: str, device):
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+class ImageGenerator:
+    """Callable class for ``map_batches``: rows of (prompt_set, prompt_index, prompt, shard) -> image rows."""
+
+    def __init__(self, model: str, uri: str, sampling: dict, precision: str = "auto", torch_threads: int = 0,
+                 batch_size: int = 8, device: str | None = None):
+        import torch
+
+        from sr_ray.ray_utils import worker_prints_to_stderr
+
+        worker_prints_to_stderr()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.s = model, SamplingConfig(**sampling)
+        self.pipe = load_pipeline(uri).to(self.device, _dtype(precision, self.device))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.negative = self.s.negative_prompt if model in self.s.negative_for else ""
+        unet = self.pipe.unet.config
+        self.resolution = self.s.resolution or unet.sample_size * self.pipe.vae_scale_factor
+        self.batch_size = batch_size
+
+    def images(self, prompts: list[str], seeds: list[int]) -> list[bytes]:
+        """PNG bytes of one image per (prompt, seed)."""
+        import torch
+        from PIL import Image
+
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            ps, ss = prompts[s:s + self.batch_size], seeds[s:s + self.batch_size]
+            gens = [torch.Generator("cpu").manual_seed(x) for x in ss]  # noise drawn on the CPU: any device agrees
+            arr = self.pipe(ps, negative_prompt=[self.negative] * len(ps) if self.negative else None,
+                            num_inference_steps=self.s.steps, guidance_scale=self.s.guidance_scale,
+                            height=self.resolution, width=self.resolution, generator=gens,
+                            output_type="np").images
+            for a in arr:
+                buf = io.BytesIO()
+                Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+                out.append(buf.getvalue())
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = self.s.images_per_prompt
+        rows = [(str(st), int(pi), str(p), str(sh))
+                for st, pi, p, sh in zip(batch["prompt_set"], batch["prompt_index"], batch["prompt"], batch["shard"])]
+        flat = [(r, i) for r in rows for i in range(n)]
+        seeds = [image_seed(self.s.seed, r[2], i) for r, i in flat]
+        pngs = self.images([r[2] for r, _ in flat], seeds)
+        return {
+            "generation_id": np.array([f"{self.model}/{r[0]}/{r[1]:05d}/{i}" for r, i in flat], dtype=object),
+            "model": np.array([self.model] * len(flat), dtype=object),
+            "prompt_set": np.array([r[0] for r, _ in flat], dtype=object),
+            "prompt_index": np.array([r[1] for r, _ in flat], dtype=np.int64),
+            "image_index": np.array([i for _, i in flat], dtype=np.int64),
+            "prompt": np.array([r[2] for r, _ in flat], dtype=object),
+            "negative_prompt": np.array([self.negative] * len(flat), dtype=object),
+            "seed": np.array(seeds, dtype=np.int64),
+            "image": np.array(pngs, dtype=object),
+            "shard": np.array([r[3] for r, _ in flat], dtype=object),
+        }
+
+
+# ---------------------------------------------------------------- the job
+
+def shard_uri(out: str, model: str, prompt_set: str, chunk: int) -> str:
+    return storage.join(out, model, f"{prompt_set}-{chunk:05d}.parquet")
+
+
+def _settings(cfg: GenerateConfig, sets: dict[str, list[str]]) -> dict[str, Any]:
+    digest = {k: hashlib.sha256("\n".join(v).encode()).hexdigest()[:16] for k, v in sets.items()}
+    return {"sampling": to_dict(cfg.sampling), "prompts_per_shard": cfg.compute.prompts_per_shard,
+            "prompt_sets": digest}
+
+
+def _check_out(cfg: GenerateConfig, settings: dict[str, Any], models: dict[str, str]) -> None:
+    """One folder, one set of settings: a model added later is fine, other sampling or prompts is refused."""
+    marker = storage.join(cfg.out, SETTINGS_FILE)
+    before = json.loads(storage.read_bytes(marker, cfg.s3_endpoint)) if storage.exists(marker, cfg.s3_endpoint) \
+        else None
+    if before is not None:
+        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if diff:
+            raise ConfigError(f"out={cfg.out} holds generations made with other settings {diff} (before, now); "
+                              f"choose another out or delete it")
+        changed = {m: (before["models"][m], u) for m, u in models.items()
+                   if m in before.get("models", {}) and before["models"][m] != u}
+        if changed:
+            raise ConfigError(f"out={cfg.out}: models {changed} (before, now) were generated from another source; "
+                              f"choose another out or another model name")
+    stored = {**(before or {}), **settings, "models": {**((before or {}).get("models", {})), **models}}
+    storage.write_text(marker, json.dumps(stored, indent=1), cfg.s3_endpoint)
+
+
+def plan(cfg: GenerateConfig, sets: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """{shard name: its rows}: prompts of each set in chunks of prompts_per_shard (the same for every model)."""
+    k = cfg.compute.prompts_per_shard
+    out: dict[str, list[dict]] = {}
+    for name, prompts in sets.items():
+        for i, p in enumerate(prompts):
+            shard = f"{name}-{i // k:05d}"
+            out.setdefault(shard, []).append({"prompt_set": name, "prompt_index": i, "prompt": p, "shard": shard})
+    return out
+
+
+def _write(cfg: GenerateConfig, model: str, shard: str, parts: list[pa.Table]) -> None:
+    t = pa.concat_tables(parts).select(GENERATIONS_SCHEMA.names).cast(GENERATIONS_SCHEMA)
+    t = t.sort_by([("prompt_index", "ascending"), ("image_index", "ascending")])
+    storage.write_parquet(t, storage.join(cfg.out, model, f"{shard}.parquet"), cfg.s3_endpoint)
+
+
+def generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate every (model, prompt, image) once (a re-run skips finished shards); returns the JSON summary."""
+    import pyarrow.compute as pc
+    import ray.data
+
+    from sr_ray.ray_utils import init_ray
+
+    t0 = time.perf_counter()
+    sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint)
+    models = check_models(cfg.models)
+    _check_out(cfg, _settings(cfg, sets), models)
+    shards = plan(cfg, sets)
+    n_img = cfg.sampling.images_per_prompt
+    made = skipped = 0
+    per_model = {}
+    for model, uri in models.items():
+        present = storage.data_file_names(storage.join(cfg.out, model), cfg.s3_endpoint)
+        todo = {s: rows for s, rows in shards.items() if f"{s}.parquet" not in present}
+        skipped += len(shards) - len(todo)
+        log.info("[generate] %s (%s): %d prompt(s) in %d shard(s) to do, %d done", model, uri,
+                 sum(map(len, todo.values())), len(todo), len(shards) - len(todo))
+        if not todo:
+            continue
+        init_ray(cfg.ray_address)
+        c = cfg.compute
+        ds = ray.data.from_items([r for rows in todo.values() for r in rows])
+        ds = ds.map_batches(
+            ImageGenerator, batch_format="numpy", batch_size=max(1, c.batch_size // n_img),
+            fn_constructor_kwargs={"model": model, "uri": uri, "sampling": to_dict(cfg.sampling),
+                                   "precision": c.precision, "torch_threads": c.torch_threads,
+                                   "batch_size": c.batch_size},
+            compute=ray.data.ActorPoolStrategy(size=c.num_actors),
+            num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if c.use_gpu else 0)
+        parts: dict[str, list] = {}
+        need = {s: len(rows) * n_img for s, rows in todo.items()}
+        total, done, t_model, last = sum(need.values()), 0, time.perf_counter(), time.perf_counter()
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for shard in batch["shard"].unique().to_pylist():
+                part = batch.filter(pc.equal(batch["shard"], shard))
+                parts.setdefault(shard, []).append(part)
+                need[shard] -= len(part)
+                done += len(part)
+                if need[shard] == 0:
+                    _write(cfg, model, shard, parts.pop(shard))
+                    made += 1
+            now = time.perf_counter()
+            if now - last >= cfg.progress_every_s:
+                last = now
+                rate = done / (now - t_model)
+                log.info("[generate] %s: %d/%d images (%.0f%%)  %.2f images/s  eta %.0fs", model, done, total,
+                         100 * done / total, rate, (total - done) / max(rate, 1e-9))
+        if parts:
+            raise RuntimeError(f"images missing from the generation output of {model}: {sorted(parts)}")
+        per_model[model] = round(done / (time.perf_counter() - t_model), 3)
+    images = len(models) * sum(map(len, sets.values())) * n_img
+    summary = {"out": cfg.out, "models": models, "prompt_sets": {k: len(v) for k, v in sets.items()},
+               "images": images, "shards_written": made, "shards_skipped": skipped,
+               "images_per_s": per_model, "wall_s": round(time.perf_counter() - t0, 1)}
+    storage.write_text(storage.join(cfg.out, "_summary.json"), json.dumps(summary, indent=1), cfg.s3_endpoint)
+    return summary

@@ -1,0 +1,418 @@
+"""Text-to-image evaluation: baseline vs fine-tuned Stable Diffusion (paper Tables 5 and 6), and best-of-N.
+
+``evaluate_t2i(cfg)``:
+
+1. generates ``images_per_prompt`` images per prompt for every model
+   (:mod:`sr_ray.diffusion.generate`: same noise per (prompt, index) for all
+   models, the special token as the fine-tuned model's negative prompt), into
+   ``<out>/generations`` (resumable by shard), unless ``generations`` names a
+   finished folder;
+2. scores every image with every metric of :mod:`sr_ray.metrics` (Social Reward,
+   CLIP alignment, ... ) on a Ray Data actor pool -> ``<out>/scores.parquet``;
+   an undecodable image gets NaN scores and a ``reason``, and is counted;
+3. writes **Table 5** (mean of each metric per prompt set and model,
+   ``table5.md/.csv``), **Table 6** (win-rate of each model over the baseline
+   per metric: prompt by prompt on the mean of its images, a tie counts half,
+   ``table6.md/.csv`` and ``win_rates.png``), an image grid per prompt set
+   (``grid-<set>.png``: a row per prompt, the models' images side by side), and
+   ``report.md`` with all of it;
+4. with ``best_of_n=<metric>`` (paper Fig. 1): keeps the top image of each
+   (model, prompt) by that metric -> ``best_of_n.parquet`` (with image bytes) and
+   ``best_of_n.md/.csv`` (each metric's mean over the picks vs over all images,
+   i.e. over a random pick).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from sr_ray import images, storage
+from sr_ray.config import ConfigError, to_dict
+from sr_ray.diffusion.generate import GenComputeConfig, GenerateConfig, SamplingConfig, generate, load_prompt_sets
+from sr_ray.metrics import MetricsConfig, build_metrics
+
+log = logging.getLogger("sr_ray.evaluate")
+
+KEYS = ["generation_id", "model", "prompt_set", "prompt_index", "image_index", "prompt"]
+
+
+@dataclass
+class ScoringComputeConfig:
+    num_actors: int = 1
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+    batch_size: int = 32
+
+
+@dataclass
+class EvaluateT2IConfig:
+    baseline: str = "tiny"
+    """The model fine-tuning started from: tiny, a diffusers dir, or a hub id (stabilityai/stable-diffusion-2-1-base)."""
+    finetuned: str | None = None
+    """A fine-tuning run dir (its pipeline/) or a diffusers dir; none: evaluate the baseline alone."""
+    models: dict[str, str] = field(default_factory=dict)
+    """More models to compare with the baseline: {name: model}."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt-set files (one set per file, by stem: e.g. internal.txt general.txt); empty: two demo sets."""
+    max_prompts: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    generation: GenComputeConfig = field(default_factory=GenComputeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    scoring: ScoringComputeConfig = field(default_factory=ScoringComputeConfig)
+    best_of_n: str | None = None
+    """Best-of-N (paper Fig. 1): keep each (model, prompt)'s top image by this metric; N = images_per_prompt."""
+    grid_prompts: int = 4
+    """Prompts per set in the image grids."""
+    generations: str | None = None
+    """Score an existing generations folder instead of generating (its models and prompts)."""
+    out: str = "./runs/t2i-eval-demo"
+    finetune_demo: bool = False
+    """When ``finetuned`` has no pipeline yet, run the fine-tuning demo into it first (the demo config)."""
+    max_bad_image_rate: float = 0.01
+    s3_endpoint: str | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        names = ["baseline", *(["finetuned"] if self.finetuned else []), *self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: {names} name a model twice (baseline and finetuned are taken)")
+        if self.best_of_n is not None and self.best_of_n not in self.metrics.names:
+            raise ValueError(f"best_of_n={self.best_of_n}: not one of metrics.names {self.metrics.names}")
+        if self.grid_prompts < 0:
+            raise ValueError("grid_prompts must be >= 0")
+
+    def model_map(self) -> dict[str, str]:
+        return {"baseline": self.baseline, **({"finetuned": self.finetuned} if self.finetuned else {}),
+                **self.models}
+
+
+# ---------------------------------------------------------------- scoring
+
+class ImageMetricScorer:
+    """Callable class for ``map_batches``: generation rows -> their keys + one float column per metric + reason."""
+
+    def __init__(self, metrics: dict, device: str | None = None):
+        from sr_ray.ray_utils import worker_prints_to_stderr
+
+        worker_prints_to_stderr()
+        self.metrics = build_metrics(MetricsConfig(**metrics), device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pics, reasons = [], []
+        for data in batch["image"]:
+            try:
+                pics.append(images.decode(data))
+                reasons.append("")
+            except images.BadImage as e:
+                pics.append(None)
+                reasons.append(str(e))
+        ok = [i for i, p in enumerate(pics) if p is not None]
+        out = {k: batch[k] for k in KEYS}
+        prompts = [str(batch["prompt"][i]) for i in ok]
+        for m in self.metrics:
+            col = np.full(len(pics), np.nan, dtype=np.float32)
+            if ok:
+                col[ok] = m.score(prompts, [pics[i] for i in ok])
+            out[m.name] = col
+        out["reason"] = np.array(reasons, dtype=object)
+        return out
+
+
+def score_images(gen_uri: str, metrics: MetricsConfig, compute: ScoringComputeConfig,
+                 endpoint: str | None) -> pd.DataFrame:
+    """Every generation of ``gen_uri`` scored by every metric (Ray Data actor pool)."""
+    import ray.data
+
+    files = storage.list_files(gen_uri, endpoint=endpoint)
+    if not files:
+        raise ConfigError(f"generations={gen_uri}: no Parquet files")
+    fs, _ = storage.resolve(gen_uri, endpoint)
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(KEYS + ["image"])
+    ds = ds.map_batches(ImageMetricScorer, batch_format="numpy", batch_size=compute.batch_size,
+                        fn_constructor_kwargs={"metrics": to_dict(metrics)},
+                        compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
+                        num_cpus=compute.cpus_per_actor, num_gpus=compute.gpus_per_actor if compute.use_gpu else 0)
+    df = ds.to_pandas()
+    return df.sort_values(["model", "prompt_set", "prompt_index", "image_index"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- tables
+
+def table5(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean of each metric per (prompt_set, model) over its images (bad images left out); + prompts, images."""
+    g = scores.groupby(["prompt_set", "model"], sort=True)
+    t = g[metrics].mean()
+    t.insert(0, "images", g["generation_id"].count())
+    t.insert(0, "prompts", g["prompt"].nunique())
+    return t.reset_index()
+
+
+def win_rates(scores: pd.DataFrame, baseline: str, metrics: list[str]) -> pd.DataFrame:
+    """Table 6: per prompt set, model (not the baseline) and metric, the share of prompts where the model's mean
+    score over its images beats the baseline's (a tie counts half). Prompts either side lacks are left out.
+
+    Long form: prompt_set, model, metric, win_rate, wins, ties, losses, prompts.
+    """
+    per = scores.groupby(["prompt_set", "model", "prompt"], sort=True)[metrics].mean()
+    if baseline not in per.index.get_level_values("model"):
+        raise ValueError(f"no scores of the baseline model {baseline!r}")
+    base = per.xs(baseline, level="model")
+    rows = []
+    for model in sorted(set(per.index.get_level_values("model")) - {baseline}):
+        cand = per.xs(model, level="model")
+        both = cand.merge(base, left_index=True, right_index=True, suffixes=("", "__base"))
+        for pset, part in both.groupby(level="prompt_set", sort=True):
+            for m in metrics:
+                d = (part[m] - part[m + "__base"]).dropna()
+                wins, ties, losses = int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())
+                n = wins + ties + losses
+                rows.append({"prompt_set": pset, "model": model, "metric": m,
+                             "win_rate": (wins + 0.5 * ties) / n if n else float("nan"),
+                             "wins": wins, "ties": ties, "losses": losses, "prompts": n})
+    return pd.DataFrame(rows, columns=["prompt_set", "model", "metric", "win_rate", "wins", "ties", "losses",
+                                       "prompts"])
+
+
+def best_of_n(scores: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The top image of each (model, prompt_set, prompt) by ``metric`` (images without a score never win)."""
+    ok = scores.dropna(subset=[metric])
+    idx = ok.groupby(["model", "prompt_set", "prompt"], sort=True)[metric].idxmax()
+    return ok.loc[idx.values].reset_index(drop=True)
+
+
+def best_of_n_table(scores: pd.DataFrame, picks: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per (prompt_set, model, metric): mean over the best-of-N picks vs over all images (a random pick)."""
+    allm = scores.groupby(["prompt_set", "model"])[metrics].mean()
+    pm = picks.groupby(["prompt_set", "model"])[metrics].mean()
+    rows = []
+    for key in pm.index:
+        for m in metrics:
+            rows.append({"prompt_set": key[0], "model": key[1], "metric": m, "best_of_n": pm.loc[key, m],
+                         "random": allm.loc[key, m], "gain": pm.loc[key, m] - allm.loc[key, m]})
+    return pd.DataFrame(rows)
+
+
+def _md_table(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
+    cols = list(df.columns)
+    out = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        out.append("| " + " | ".join(floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
+                                     for v in r) + " |")
+    return "\n".join(out)
+
+
+def table6_markdown(t6: pd.DataFrame) -> str:
+    """Rows: prompt set x model; columns: metrics; cells: win-rate % (wins/ties/losses)."""
+    if t6.empty:
+        return "(no model to compare with the baseline)"
+    cells = t6.assign(cell=[f"{r.win_rate:.1%} ({r.wins}/{r.ties}/{r.losses})" for r in t6.itertuples()])
+    wide = cells.pivot(index=["prompt_set", "model"], columns="metric", values="cell").reset_index()
+    return _md_table(wide) + "\n\nCells: win-rate over the baseline (wins/ties/losses of prompts; a tie counts half)."
+
+
+def plot_win_rates(t6: pd.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [f"{r.prompt_set}\n{r.model}" for r in t6[["prompt_set", "model"]].drop_duplicates().itertuples()]
+    metrics = list(dict.fromkeys(t6["metric"]))
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(groups) * max(1, len(metrics)) / 2), 3.8))
+    w = 0.8 / max(1, len(metrics))
+    for j, m in enumerate(metrics):
+        part = t6[t6["metric"] == m]
+        ax.bar(np.arange(len(part)) + j * w, part["win_rate"] * 100, w, label=m)
+    ax.axhline(50, color="grey", ls="--", lw=1)
+    ax.set_xticks(np.arange(len(groups)) + w * (len(metrics) - 1) / 2)
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel("win-rate over baseline (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Table 6: win-rate per prompt (mean of its images)")
+    ax.legend(fontsize=8)
+    return images.figure_png(fig)
+
+
+def image_grid(rows: list[tuple[str, list[tuple[str, list[bytes]]]]], cell: int = 128) -> bytes:
+    """PNG: a row per prompt (caption on top), then each model's images side by side under its name."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("no rows for the grid")
+    per_model = [(m, len(imgs)) for m, imgs in rows[0][1]]
+    cols = sum(n for _, n in per_model)
+    gap, caption, header = 6, 16, 16
+    width = cols * cell + (len(per_model) - 1) * gap
+    height = header + len(rows) * (caption + cell)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for m, n in per_model:
+        draw.text((x + 2, 2), m, fill="black")
+        x += n * cell + gap
+    for r, (prompt, models) in enumerate(rows):
+        y = header + r * (caption + cell)
+        draw.text((2, y + 2), prompt[:int(width / 6)], fill="black")
+        x = 0
+        for _, imgs in models:
+            for data in imgs:
+                try:
+                    im = images.decode(data).resize((cell, cell), Image.NEAREST)
+                    canvas.paste(im, (x, y + caption))
+                except images.BadImage:
+                    draw.rectangle([x, y + caption, x + cell - 1, y + caption + cell - 1], outline="red")
+                x += cell
+            x += gap
+    return images.encode_png(canvas)
+
+
+def _grids(gen_uri: str, scores: pd.DataFrame, models: list[str], k: int, endpoint: str | None) -> dict[str, bytes]:
+    """{prompt set: grid PNG} for the first ``k`` prompts of each set."""
+    import pyarrow.dataset as pads
+
+    if not k:
+        return {}
+    fs, _ = storage.resolve(gen_uri, endpoint)
+    files = storage.list_files(gen_uri, endpoint=endpoint)
+    dset = pads.dataset(files, filesystem=fs, format="parquet")
+    t = dset.to_table(columns=["model", "prompt_set", "prompt_index", "image_index", "prompt", "image"],
+                      filter=pads.field("prompt_index") < k).to_pandas()
+    out = {}
+    for pset, part in t.groupby("prompt_set", sort=True):
+        rows = []
+        for pi, p in part.groupby("prompt_index", sort=True):
+            rows.append((str(p["prompt"].iloc[0]),
+                         [(m, list(p[p["model"] == m].sort_values("image_index")["image"])) for m in models]))
+        out[str(pset)] = image_grid(rows)
+    return out
+
+
+def _pick_images(gen_uri: str, ids: list[str], endpoint: str | None) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    fs, _ = storage.resolve(gen_uri, endpoint)
+    files = storage.list_files(gen_uri, endpoint=endpoint)
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(
+        columns=["generation_id", "image"], filter=pads.field("generation_id").isin(ids))
+
+
+# ---------------------------------------------------------------- the job
+
+def _ensure_finetuned(cfg: EvaluateT2IConfig) -> None:
+    """With ``finetune_demo``: when ``finetuned`` holds no pipeline yet, run the fine-tuning demo into it."""
+    from pathlib import Path
+
+    if not (cfg.finetune_demo and cfg.finetuned) or storage.is_s3(cfg.finetuned):
+        return
+    path = Path(os.path.expanduser(cfg.finetuned)).resolve()
+    if (path / "pipeline" / "model_index.json").exists() or (path / "model_index.json").exists():
+        return
+    from sr_ray.diffusion.finetune import demo_config, finetune_sd
+
+    ft = demo_config()
+    ft = replace(ft, model=replace(ft.model, name=cfg.baseline),
+                 run=replace(ft.run, name=path.name, storage_path=str(path.parent), ray_address=cfg.ray_address))
+    log.info("[evaluate] %s has no fine-tuned pipeline yet: running the fine-tuning demo into it", path)
+    finetune_sd(ft)
+
+
+def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
+    """Generate (or reuse), score, tabulate; returns the JSON summary (also ``<out>/summary.json``)."""
+    from sr_ray.ray_utils import init_ray
+    from sr_ray.score import model_file
+
+    t0 = time.perf_counter()
+    ep = cfg.s3_endpoint
+    metrics = cfg.metrics
+    if "social_reward" in metrics.names:
+        if metrics.social_reward_checkpoint:
+            model_file(metrics.social_reward_checkpoint)  # fails now, naming it, when it is not a checkpoint
+        else:
+            from sr_ray.batch_score import demo_checkpoint
+
+            metrics = replace(metrics, social_reward_checkpoint=demo_checkpoint())
+    if cfg.generations:
+        gen_uri, gen_summary = cfg.generations, None
+    else:
+        if cfg.finetuned:
+            _ensure_finetuned(cfg)
+        load_prompt_sets(cfg.prompts, cfg.max_prompts, ep)  # bad prompt files fail before any model loads
+        gen_uri = storage.join(cfg.out, "generations")
+        gen_summary = generate(GenerateConfig(
+            models=cfg.model_map(), prompts=cfg.prompts, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
+            compute=cfg.generation, out=gen_uri, s3_endpoint=ep, ray_address=cfg.ray_address))
+    init_ray(cfg.ray_address)
+    t_score = time.perf_counter()
+    scores = score_images(gen_uri, metrics, cfg.scoring, ep)
+    score_s = time.perf_counter() - t_score
+    bad = scores[scores["reason"] != ""]
+    if len(scores) and len(bad) / len(scores) > cfg.max_bad_image_rate:
+        from sr_ray.data import DataError
+
+        raise DataError(f"{len(bad)} of {len(scores)} generated images could not be decoded "
+                        f"(first: {bad['generation_id'].iloc[0]}: {bad['reason'].iloc[0]}), "
+                        f"more than max_bad_image_rate={cfg.max_bad_image_rate}")
+    names = metrics.names
+    models = list(dict.fromkeys(["baseline", *sorted(set(scores["model"]) - {"baseline"})]))
+    storage.write_parquet(pa.Table.from_pandas(scores, preserve_index=False), storage.join(cfg.out, "scores.parquet"),
+                          ep)
+    t5 = table5(scores, names)
+    t6 = win_rates(scores, "baseline", names) if "baseline" in set(scores["model"]) else pd.DataFrame()
+    w = lambda name, data: storage.write_bytes(storage.join(cfg.out, name),  # noqa: E731
+                                               data if isinstance(data, bytes) else data.encode(), ep)
+    w("table5.csv", t5.to_csv(index=False))
+    w("table5.md", _md_table(t5) + "\n")
+    w("table6.csv", t6.to_csv(index=False))
+    w("table6.md", table6_markdown(t6) + "\n")
+    if not t6.empty:
+        w("win_rates.png", plot_win_rates(t6))
+    grids = _grids(gen_uri, scores, models, cfg.grid_prompts, ep)
+    for pset, png in grids.items():
+        w(f"grid-{pset}.png", png)
+    report = ["# Text-to-image evaluation", "",
+              f"Models: {json.dumps(cfg.model_map() if not cfg.generations else models)}; "
+              f"generations `{gen_uri}`; metrics {names}; {len(scores)} images, {len(bad)} undecodable.", "",
+              "## Table 5: mean of each metric", "", _md_table(t5), "",
+              "## Table 6: win-rate over the baseline", "", table6_markdown(t6), ""]
+    summary: dict[str, Any] = {
+        "out": cfg.out, "generations": gen_uri, "images": int(len(scores)), "bad_images": int(len(bad)),
+        "models": models, "prompt_sets": sorted(set(scores["prompt_set"])), "metrics": names,
+        "table5": t5.to_dict(orient="records"),
+        "win_rates": {f"{r.prompt_set}/{r.model}/{r.metric}": round(r.win_rate, 4) for r in t6.itertuples()},
+        "grids": [storage.join(cfg.out, f"grid-{p}.png") for p in grids],
+        "score_images_per_s": round(len(scores) / score_s, 2),
+        "generation": gen_summary,
+    }
+    if cfg.best_of_n:
+        picks = best_of_n(scores, cfg.best_of_n)
+        bt = best_of_n_table(scores, picks, names)
+        imgs = _pick_images(gen_uri, list(picks["generation_id"]), ep).to_pandas()
+        picked = picks.merge(imgs, on="generation_id", how="left")
+        storage.write_parquet(pa.Table.from_pandas(picked, preserve_index=False),
+                              storage.join(cfg.out, "best_of_n.parquet"), ep)
+        w("best_of_n.csv", bt.to_csv(index=False))
+        n = int(scores.groupby(["model", "prompt_set", "prompt"]).size().max())
+        w("best_of_n.md", _md_table(bt) + "\n")
+        report += [f"## Best-of-{n} by {cfg.best_of_n}", "",
+                   "Mean of each metric over the kept images vs over all images (a random pick).", "",
+                   _md_table(bt), ""]
+        summary["best_of_n"] = {"metric": cfg.best_of_n, "n": n, "picks": int(len(picks)),
+                                "gain": {f"{r.prompt_set}/{r.model}/{r.metric}": round(r.gain, 5)
+                                         for r in bt.itertuples()}}
+    report += ["## Images", ""] + [f"![{p}](grid-{p}.png)" for p in grids]
+    w("report.md", "\n".join(report) + "\n")
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    w("summary.json", json.dumps(summary, indent=1, default=str))
+    log.info("[evaluate] Table 5:\n%s\n[evaluate] Table 6:\n%s", _md_table(t5), table6_markdown(t6))
+    return summary
+
