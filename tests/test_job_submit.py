@@ -72,3 +72,24 @@ def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
     summary = json.loads(lines[-1])
     assert summary["steps"] == 10 and summary["checkpoint"].startswith(str(tmp_path / "runs" / "submitted"))
     assert Path(tmp_path, "runs", "submitted", "summary.json").is_file()
+
+
+@pytest.mark.extended  # ~2 min: the DeepSpeed CPU op may be built on first use
+def test_ray_job_submit_runs_the_stable_diffusion_fine_tune(ray_head, tmp_path):
+    """The fine-tuning job as users submit it: DeepSpeed ZeRO-2 over 2 Ray Train workers on the head's 2 CPUs."""
+    url, env = ray_head
+    over = [f"run.storage_path={tmp_path / 'runs'}", "run.name=sd-submitted", "optim.max_steps=4",
+            "run.checkpoint_every_steps=2", "run.sample_steps=2", "data.demo.prompts=24"]
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
+                              "python", "jobs/finetune_sd.py", *over],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+    assert summary["steps"] == 4 and summary["deepspeed"] == "ZeRO-2" and summary["workers"] == 2
+    assert Path(summary["pipeline"], "model_index.json").is_file()
+    assert summary["run_dir"] == str(tmp_path / "runs" / "sd-submitted")
