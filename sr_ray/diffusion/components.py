@@ -70,17 +70,80 @@ def clip_bpe_tokenizer(folder: str | os.PathLike, model_max_length: int = 77):
                          model_max_length=model_max_length)
 
 
+TINY_VAE = {"images": 1024, "size": 32, "steps": 400, "batch": 32, "lr": 2e-3, "kl_weight": 1e-6, "seed": 0}
+"""How the tiny VAE is fitted once per machine (the cache file's name holds a hash of this)."""
+
+
+def _tiny_vae(scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
+
+
+def tiny_vae_state() -> dict[str, Any]:
+    """The tiny VAE's weights, fitted once on demo pictures (cached under ``TOKENIZER_CACHE``'s folder).
+
+    A random VAE decodes any latent to noise, so a tiny SD could never draw anything. This one is
+    fitted like SD's (reconstruction MSE + a tiny KL, latents sampled from the posterior) on 1,024
+    demo pictures (coloured shapes, 32 px), about a minute on 2 CPU cores; its ``scaling_factor``
+    makes the latents unit-variance, as 0.18215 does for SD's. Returns {"state_dict", "scaling_factor"}.
+    """
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from sr_ray import images
+
+    key = hashlib.sha256(json.dumps(TINY_VAE, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(os.path.expanduser(TOKENIZER_CACHE)).parent / f"vae-{key}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    p = TINY_VAE
+    log.info("fitting the tiny SD's VAE once on %d demo pictures (%d steps) -> %s", p["images"], p["steps"], path)
+    rng = np.random.default_rng(p["seed"])
+    pics = np.stack([np.asarray(images.draw(str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES)),
+                                            rng, p["size"])) for _ in range(p["images"])])
+    x_all = torch.tensor(pics).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.random.fork_rng():
+        torch.manual_seed(p["seed"])
+        vae = _tiny_vae()
+        g = torch.Generator().manual_seed(p["seed"])
+        opt = torch.optim.Adam(vae.parameters(), lr=p["lr"])
+        for _ in range(p["steps"]):
+            x = x_all[torch.randint(0, len(x_all), (p["batch"],), generator=g)]
+            post = vae.encode(x).latent_dist
+            loss = torch.nn.functional.mse_loss(vae.decode(post.sample(generator=g)).sample, x)
+            loss = loss + p["kl_weight"] * post.kl().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            std = float(vae.encode(x_all[:256]).latent_dist.mean.std())
+    state = {"state_dict": {k: v.detach().clone() for k, v in vae.state_dict().items()}, "scaling_factor": 1 / std}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return state
+
+
 def tiny_components(seed: int = 0) -> dict[str, Any]:
     """A miniature SD 2.x: 2-block U-Net (cross-attention), 2-block VAE (4 latent channels, /2), 2-layer CLIP text.
 
     32 px images give 16 px latents; the same classes as the real model, so every code path is the real one.
+    U-Net and text encoder are random (``seed``); the VAE is fitted once (:func:`tiny_vae_state`), so the
+    tiny model's images are pictures once its U-Net has learned something.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    g = torch.random.fork_rng()
-    with g:
+    vae_state = tiny_vae_state()
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -91,11 +154,15 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
             attention_head_dim=(2, 4), norm_num_groups=8)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-            layers_per_block=1, norm_num_groups=8, sample_size=32)
+    vae = _tiny_vae(vae_state["scaling_factor"])
+    vae.load_state_dict(vae_state["state_dict"])
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+def prepare_model(name: str) -> None:
+    """Driver-side, before workers start: fit and cache the tiny VAE once, so workers only load it."""
+    if name == TINY:
+        tiny_vae_state()
 
 
 def sd21_base_random(seed: int = 0) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from sr_ray import storage
 from sr_ray.cli import setup_logging
 from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.data import DataError
-from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline
+from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
 from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
 from sr_ray.ray_utils import init_ray, worker_prints_to_stderr
 from sr_ray.train import Reducer
@@ -139,7 +139,7 @@ class FinetuneSDConfig:
 def demo_config() -> FinetuneSDConfig:
     """The embedded default of ``jobs/finetune_sd.py`` (its demo.yaml): tiny SD, ZeRO-2 over 2 CPU workers."""
     cfg = FinetuneSDConfig()
-    cfg.optim.lr, cfg.optim.epochs = 1e-4, 2  # the tiny random model needs more than the paper's 1e-5
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.epochs = 1e-3, 20, 8  # a random U-Net learns from scratch
     cfg.run.checkpoint_every_steps, cfg.run.log_every_steps, cfg.run.sample_steps = 40, 10, 10
     return cfg
 
@@ -443,6 +443,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     from sr_ray.train import absolute_storage, run_dir
 
     check_model(cfg.model)
+    prepare_model(cfg.model.name)
     if cfg.optim.batch_size % cfg.scaling.num_workers:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "
                           f"scaling.num_workers={cfg.scaling.num_workers}")

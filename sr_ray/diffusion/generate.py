@@ -230,7 +230,12 @@ def resolve_model(uri: str) -> str:
 
 
 def check_models(models: dict[str, str]) -> dict[str, str]:
-    """{name: resolved uri}; ConfigError naming the model when a local path is not a diffusers pipeline."""
+    """{name: resolved uri}; ConfigError naming the model when a local path is not a diffusers pipeline.
+
+    Built-in models are prepared here, in the driver (the tiny VAE fitted once), before any actor loads them.
+    """
+    from sr_ray.diffusion.components import prepare_model
+
     out = {}
     for name, uri in models.items():
         if not uri:
@@ -241,6 +246,8 @@ def check_models(models: dict[str, str]) -> dict[str, str]:
             raise ConfigError(f"models.{name}={uri}: no diffusers pipeline there (no model_index.json, "
                               f"nor pipeline/model_index.json of a finished fine-tuning run)")
         out[name] = r
+    for r in set(out.values()):
+        prepare_model(r)
     return out
 
 
