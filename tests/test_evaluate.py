@@ -190,13 +190,22 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["images"] == 20
 
 
-def test_generation_job_alone_writes_the_generations_contract(ray_cluster, tmp_path):
+def test_generation_job_alone_writes_the_generations_contract_and_notices_retrained_weights(ray_cluster, tmp_path):
+    from sr_ray.diffusion.components import SDModelConfig, load_components, pipeline
+
     (tmp_path / "p.txt").write_text("a red cat\n")
-    out = str(tmp_path / "gen")
-    s = generate(GenerateConfig(models={"baseline": "tiny"}, prompts=[str(tmp_path / "p.txt")],
-                                sampling=SamplingConfig(images_per_prompt=3, steps=2), out=out,
-                                compute=GenComputeConfig(cpus_per_actor=0.5)))
-    assert s["images"] == 3 and s["shards_written"] == 1
+    pipeline(load_components(SDModelConfig(seed=2))).save_pretrained(tmp_path / "ft" / "pipeline")
+    cfg = GenerateConfig(models={"baseline": "tiny", "ft": str(tmp_path / "ft")}, prompts=[str(tmp_path / "p.txt")],
+                         sampling=SamplingConfig(images_per_prompt=3, steps=2, negative_for=["ft"]),
+                         out=str(tmp_path / "gen"), compute=GenComputeConfig(cpus_per_actor=0.5))
+    s = generate(cfg)
+    assert s["images"] == 6 and s["shards_written"] == 2
     t = pq.read_table(tmp_path / "gen" / "baseline" / "p-00000.parquet")
     assert {"generation_id", "prompt", "image"} <= set(t.column_names)  # what score_generations reads
     assert t["generation_id"].to_pylist() == ["baseline/p/00000/0", "baseline/p/00000/1", "baseline/p/00000/2"]
+    assert pq.read_table(tmp_path / "gen" / "ft")["negative_prompt"].to_pylist() == ["t@y quality"] * 3
+    assert generate(cfg)["shards_written"] == 0
+    # the run dir re-trained (new weights, same path): its old images must not pass for the new model's
+    pipeline(load_components(SDModelConfig(seed=3))).save_pretrained(tmp_path / "ft" / "pipeline")
+    with pytest.raises(ConfigError, match="models.ft were generated from weights that have changed"):
+        generate(cfg)

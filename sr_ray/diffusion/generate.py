@@ -22,8 +22,10 @@ Ray Data: a row per (prompt set, prompt) -> ``map_batches`` over an actor pool o
 atomically, to ``<out>/<model>/<set>-NNNNN.parquet`` in the generations contract
 (``generation_id``, ``prompt``, ``image`` PNG bytes, plus ``model``,
 ``prompt_set``, ``prompt_index``, ``image_index``, ``seed``, ``negative_prompt``).
-A re-run skips finished shards; ``_generate.json`` records the settings and a
-re-run with other settings into the same ``out`` is refused.
+A re-run skips finished shards; ``_generate.json`` records the settings and each
+model's source and weights fingerprint, and a re-run with other settings, or with
+a model whose weights changed (a re-trained run dir), into the same ``out`` is
+refused.
 """
 
 from __future__ import annotations
@@ -353,22 +355,41 @@ def _settings(cfg: GenerateConfig, sets: dict[str, list[str]]) -> dict[str, Any]
             "prompt_sets": digest}
 
 
+def model_fingerprint(uri: str, endpoint: str | None = None) -> str:
+    """What identifies a model's weights: a built-in name or hub id as is; for a folder (local or s3://) a hash of
+    its files' names, sizes and modification times (a re-trained run dir gets a new one)."""
+    from sr_ray.diffusion.components import BUILT_IN
+
+    if uri in BUILT_IN or not (storage.is_s3(uri) or os.path.isdir(os.path.expanduser(uri))):
+        return uri
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri, endpoint)
+    infos = sorted((i.path[len(path):], i.size, i.mtime_ns or 0) for i in fs.get_file_info(
+        pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File)
+    return "files:" + hashlib.sha256(json.dumps(infos).encode()).hexdigest()[:16]
+
+
 def _check_out(cfg: GenerateConfig, settings: dict[str, Any], models: dict[str, str]) -> None:
-    """One folder, one set of settings: a model added later is fine, other sampling or prompts is refused."""
+    """One folder, one set of settings: a model added later is fine; other sampling or prompts, or a model whose
+    source or weights changed since its images were made, is refused (naming it)."""
     marker = storage.join(cfg.out, SETTINGS_FILE)
     before = json.loads(storage.read_bytes(marker, cfg.s3_endpoint)) if storage.exists(marker, cfg.s3_endpoint) \
         else None
+    now = {m: {"uri": u, "fingerprint": model_fingerprint(u, cfg.s3_endpoint)} for m, u in models.items()}
     if before is not None:
         diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if diff:
             raise ConfigError(f"out={cfg.out} holds generations made with other settings {diff} (before, now); "
                               f"choose another out or delete it")
-        changed = {m: (before["models"][m], u) for m, u in models.items()
-                   if m in before.get("models", {}) and before["models"][m] != u}
-        if changed:
-            raise ConfigError(f"out={cfg.out}: models {changed} (before, now) were generated from another source; "
-                              f"choose another out or another model name")
-    stored = {**(before or {}), **settings, "models": {**((before or {}).get("models", {})), **models}}
+        for m, v in now.items():
+            old = before.get("models", {}).get(m)
+            if old is not None and old != v:
+                what = "another source" if old["uri"] != v["uri"] else "weights that have changed since"
+                raise ConfigError(f"out={cfg.out}: the images of models.{m} were generated from {what} "
+                                  f"({old['uri']} -> {v['uri']}); choose another out, or delete "
+                                  f"{storage.join(cfg.out, m)} to generate them again")
+    stored = {**(before or {}), **settings, "models": {**((before or {}).get("models", {})), **now}}
     storage.write_text(marker, json.dumps(stored, indent=1), cfg.s3_endpoint)
 
 
