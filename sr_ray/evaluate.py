@@ -37,7 +37,8 @@ import pyarrow as pa
 
 from sr_ray import images, storage
 from sr_ray.config import ConfigError, to_dict
-from sr_ray.diffusion.generate import GenComputeConfig, GenerateConfig, SamplingConfig, generate, load_prompt_sets
+from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig, generate,
+                                       load_prompt_sets)
 from sr_ray.metrics import MetricsConfig, build_metrics
 
 log = logging.getLogger("sr_ray.evaluate")
@@ -46,11 +47,7 @@ KEYS = ["generation_id", "model", "prompt_set", "prompt_index", "image_index", "
 
 
 @dataclass
-class ScoringComputeConfig:
-    num_actors: int = 1
-    use_gpu: bool = False
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 1.0
+class ScoringComputeConfig(ActorPoolConfig):
     batch_size: int = 32
 
 
@@ -139,9 +136,7 @@ def score_images(gen_uri: str, metrics: MetricsConfig, compute: ScoringComputeCo
     fs, _ = storage.resolve(gen_uri, endpoint)
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(KEYS + ["image"])
     ds = ds.map_batches(ImageMetricScorer, batch_format="numpy", batch_size=compute.batch_size,
-                        fn_constructor_kwargs={"metrics": to_dict(metrics)},
-                        compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
-                        num_cpus=compute.cpus_per_actor, num_gpus=compute.gpus_per_actor if compute.use_gpu else 0)
+                        fn_constructor_kwargs={"metrics": to_dict(metrics)}, **compute.map_kwargs())
     df = ds.to_pandas()
     return df.sort_values(["model", "prompt_set", "prompt_index", "image_index"]).reset_index(drop=True)
 
@@ -276,34 +271,38 @@ def image_grid(rows: list[tuple[str, list[tuple[str, list[bytes]]]]], cell: int 
     return images.encode_png(canvas)
 
 
-def _grids(gen_uri: str, scores: pd.DataFrame, models: list[str], k: int, endpoint: str | None) -> dict[str, bytes]:
+def _grids(gen_uri: str, models: list[str], k: int, endpoint: str | None) -> dict[str, bytes]:
     """{prompt set: grid PNG} for the first ``k`` prompts of each set."""
     import pyarrow.dataset as pads
 
     if not k:
         return {}
-    fs, _ = storage.resolve(gen_uri, endpoint)
-    files = storage.list_files(gen_uri, endpoint=endpoint)
-    dset = pads.dataset(files, filesystem=fs, format="parquet")
-    t = dset.to_table(columns=["model", "prompt_set", "prompt_index", "image_index", "prompt", "image"],
-                      filter=pads.field("prompt_index") < k).to_pandas()
+    t = _generations(gen_uri, endpoint).to_table(
+        columns=["model", "prompt_set", "prompt_index", "image_index", "prompt", "image"],
+        filter=pads.field("prompt_index") < k).to_pandas()
     out = {}
     for pset, part in t.groupby("prompt_set", sort=True):
         rows = []
-        for pi, p in part.groupby("prompt_index", sort=True):
+        for _, p in part.groupby("prompt_index", sort=True):
             rows.append((str(p["prompt"].iloc[0]),
                          [(m, list(p[p["model"] == m].sort_values("image_index")["image"])) for m in models]))
         out[str(pset)] = image_grid(rows)
     return out
 
 
-def _pick_images(gen_uri: str, ids: list[str], endpoint: str | None) -> pa.Table:
+def _generations(gen_uri: str, endpoint: str | None):
+    """The generation files as one pyarrow dataset (the grids and best-of-N read a filtered few rows of it)."""
     import pyarrow.dataset as pads
 
     fs, _ = storage.resolve(gen_uri, endpoint)
-    files = storage.list_files(gen_uri, endpoint=endpoint)
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["generation_id", "image"], filter=pads.field("generation_id").isin(ids))
+    return pads.dataset(storage.list_files(gen_uri, endpoint=endpoint), filesystem=fs, format="parquet")
+
+
+def _pick_images(gen_uri: str, ids: list[str], endpoint: str | None) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    return _generations(gen_uri, endpoint).to_table(columns=["generation_id", "image"],
+                                                     filter=pads.field("generation_id").isin(ids))
 
 
 # ---------------------------------------------------------------- the job
@@ -344,13 +343,13 @@ def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
     if cfg.generations:
         gen_uri, gen_summary = cfg.generations, None
     else:
+        sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, ep)  # bad prompt files fail before any model loads
         if cfg.finetuned:
             _ensure_finetuned(cfg)
-        load_prompt_sets(cfg.prompts, cfg.max_prompts, ep)  # bad prompt files fail before any model loads
         gen_uri = storage.join(cfg.out, "generations")
         gen_summary = generate(GenerateConfig(
             models=cfg.model_map(), prompts=cfg.prompts, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
-            compute=cfg.generation, out=gen_uri, s3_endpoint=ep, ray_address=cfg.ray_address))
+            compute=cfg.generation, out=gen_uri, s3_endpoint=ep, ray_address=cfg.ray_address), sets)
     init_ray(cfg.ray_address)
     t_score = time.perf_counter()
     scores = score_images(gen_uri, metrics, cfg.scoring, ep)
@@ -376,7 +375,7 @@ def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
     w("table6.md", table6_markdown(t6) + "\n")
     if not t6.empty:
         w("win_rates.png", plot_win_rates(t6))
-    grids = _grids(gen_uri, scores, models, cfg.grid_prompts, ep)
+    grids = _grids(gen_uri, models, cfg.grid_prompts, ep)
     for pset, png in grids.items():
         w(f"grid-{pset}.png", png)
     report = ["# Text-to-image evaluation", "",

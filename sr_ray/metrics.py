@@ -73,38 +73,24 @@ class SocialReward:
 
 
 class ClipAlignment:
-    """Cosine similarity of open_clip's prompt and image embeddings (CLIP score / 100)."""
+    """Cosine similarity of open_clip's prompt and image embeddings (CLIP score / 100), scored like Social Reward."""
 
     name = "clip"
 
     def __init__(self, model: str, pretrained: str | None, device: str | None = None, batch_size: int = 64):
         import torch
 
-        from sr_ray.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
+        from sr_ray.model import ModelConfig, RewardModel, build_clip
+        from sr_ray.score import RewardScorer
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cfg = ModelConfig(name=model, pretrained=pretrained)
         with torch.random.fork_rng():
             torch.manual_seed(0)  # random-weight demo models: the same in every actor
-            self.model = RewardModel(build_clip(cfg)).to(self.device).eval()
-        self.transform = image_transform(preprocess_cfg(cfg))
-        self.tokenizer = tokenizer(cfg)
-        self.batch_size = batch_size
+            clip = RewardModel(build_clip(cfg))
+        self.scorer = RewardScorer.from_model(clip, cfg, device, batch_size)
 
     def score(self, prompts: Sequence[str], images: Sequence) -> np.ndarray:
-        import torch
-
-        from sr_ray.model import RewardModel
-        from sr_ray.score import inference_autocast
-
-        out = []
-        with torch.no_grad(), inference_autocast(self.device):
-            for s in range(0, len(images), self.batch_size):
-                ps, xs = list(prompts[s:s + self.batch_size]), images[s:s + self.batch_size]
-                t = self.model.encode_text(self.tokenizer(ps).to(self.device))
-                im = self.model.encode_image(torch.stack([self.transform(x) for x in xs]).to(self.device))
-                out.append(RewardModel.score(t, im).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+        return self.scorer.score(list(prompts), images)
 
 
 @register_metric("social_reward")

@@ -134,9 +134,21 @@ class RewardScorer:
 
     def __init__(self, checkpoint: str, device: str | None = None, batch_size: int = 64):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.cfg = load_model(checkpoint, self.device)
-        self.transform = image_transform(preprocess_cfg(self.cfg))
-        self.tokenizer = tokenizer(self.cfg)
+        self._use(*load_model(checkpoint, self.device), batch_size)
+
+    @classmethod
+    def from_model(cls, model: RewardModel, cfg: ModelConfig, device: str | None = None,
+                   batch_size: int = 64) -> "RewardScorer":
+        """A scorer over a model already built (e.g. an original open_clip CLIP: the CLIP alignment metric)."""
+        self = cls.__new__(cls)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._use(model.to(self.device).eval(), cfg, batch_size)
+        return self
+
+    def _use(self, model: RewardModel, cfg: ModelConfig, batch_size: int) -> None:
+        self.model, self.cfg = model, cfg
+        self.transform = image_transform(preprocess_cfg(cfg))
+        self.tokenizer = tokenizer(cfg)
         self.batch_size = batch_size
 
     def _image(self, x):

@@ -55,21 +55,24 @@ def ray_head(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
-    url, env = ray_head
-    over = small_overrides(tmp_path, demo_cache, "submitted")
+def submit(url: str, env: dict, job: str, args: list[str], timeout: int) -> dict:
+    """``ray job submit --working-dir . -- python <job> <args>``; asserts success, returns the job's JSON summary."""
     deadline = time.time() + 120
     while True:
         out = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
-                              "python", "jobs/train_reward.py", *over],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                              "python", job, *args],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         # the dashboard answers before the node's job agent is up: Ray says to try again later
         if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
             break
         time.sleep(3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    summary = json.loads(lines[-1])
+    return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
+    url, env = ray_head
+    summary = submit(url, env, "jobs/train_reward.py", small_overrides(tmp_path, demo_cache, "submitted"), 600)
     assert summary["steps"] == 10 and summary["checkpoint"].startswith(str(tmp_path / "runs" / "submitted"))
     assert Path(tmp_path, "runs", "submitted", "summary.json").is_file()
 
@@ -80,16 +83,7 @@ def test_ray_job_submit_runs_the_stable_diffusion_fine_tune(ray_head, tmp_path):
     url, env = ray_head
     over = [f"run.storage_path={tmp_path / 'runs'}", "run.name=sd-submitted", "optim.max_steps=4",
             "run.checkpoint_every_steps=2", "run.sample_steps=2", "data.demo.prompts=24"]
-    deadline = time.time() + 120
-    while True:
-        out = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
-                              "python", "jobs/finetune_sd.py", *over],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in out.stderr + out.stdout or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+    summary = submit(url, env, "jobs/finetune_sd.py", over, 900)
     assert summary["steps"] == 4 and summary["deepspeed"] == "ZeRO-2" and summary["workers"] == 2
     assert Path(summary["pipeline"], "model_index.json").is_file()
     assert summary["run_dir"] == str(tmp_path / "runs" / "sd-submitted")

@@ -12,6 +12,7 @@ prompts and the special token tokenize as they do for SD.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -124,10 +125,9 @@ def tiny_vae_state() -> dict[str, Any]:
         with torch.no_grad():
             std = float(vae.encode(x_all[:256]).latent_dist.mean.std())
     state = {"state_dict": {k: v.detach().clone() for k, v in vae.state_dict().items()}, "scaling_factor": 1 / std}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(str(path), buf.getvalue())  # atomic: workers that race read a whole file or none
     return state
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sr_ray import storage
+from sr_ray import images, storage
 from sr_ray.config import ConfigError, to_dict
 
 log = logging.getLogger("sr_ray.generate")
@@ -81,23 +81,41 @@ class SamplingConfig:
 
 
 @dataclass
-class GenComputeConfig:
-    batch_size: int = 8
-    """Images per pipeline call."""
-    prompts_per_shard: int = 16
+class ActorPoolConfig:
+    """An actor pool of a ``map_batches`` stage (generation, evaluation scoring)."""
+
     num_actors: int = 1
-    """Generator actors per model (one GPU each with use_gpu)."""
+    """Actors (one GPU each with use_gpu)."""
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0
+    batch_size: int = 8
+    """Images per model call."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ValueError("batch_size and num_actors must be >= 1")
+
+    def map_kwargs(self) -> dict[str, Any]:
+        """``compute``, ``num_cpus`` and ``num_gpus`` of ``Dataset.map_batches`` for this pool."""
+        import ray.data
+
+        return {"compute": ray.data.ActorPoolStrategy(size=self.num_actors), "num_cpus": self.cpus_per_actor,
+                "num_gpus": self.gpus_per_actor if self.use_gpu else 0}
+
+
+@dataclass
+class GenComputeConfig(ActorPoolConfig):
+    prompts_per_shard: int = 16
     precision: str = "auto"
     """auto: bf16 on GPU, fp32 on CPU; bf16; fp16; fp32."""
     torch_threads: int = 0
     """torch intra-op threads per actor on CPU (0: torch's default)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.prompts_per_shard < 1 or self.num_actors < 1:
-            raise ValueError("batch_size, prompts_per_shard and num_actors must be >= 1")
+        super().__post_init__()
+        if self.prompts_per_shard < 1:
+            raise ValueError("prompts_per_shard must be >= 1")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError("precision must be auto, bf16, fp16 or fp32")
 
@@ -253,7 +271,7 @@ def check_models(models: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def load_pipeline(uri: str, revision: str | None = None):
+def load_pipeline(uri: str):
     """A ``StableDiffusionPipeline`` with a DDIM sampler, no safety checker, on the CPU in fp32."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -262,8 +280,7 @@ def load_pipeline(uri: str, revision: str | None = None):
     if uri in BUILT_IN:
         return pipeline(load_components(SDModelConfig(name=uri)))
     src = storage.local_copy(uri, "sr-ray-sd-") if storage.is_s3(uri) else uri
-    kw = {"revision": revision} if revision else {}
-    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False, **kw)
+    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 
@@ -316,10 +333,8 @@ class ImageGenerator:
                             num_inference_steps=self.s.steps, guidance_scale=self.s.guidance_scale,
                             height=self.resolution, width=self.resolution, generator=gens,
                             output_type="np").images
-            for a in arr:
-                buf = io.BytesIO()
-                Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
-                out.append(buf.getvalue())
+            out += [images.encode_png(Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)))
+                    for a in arr]
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -410,15 +425,19 @@ def _write(cfg: GenerateConfig, model: str, shard: str, parts: list[pa.Table]) -
     storage.write_parquet(t, storage.join(cfg.out, model, f"{shard}.parquet"), cfg.s3_endpoint)
 
 
-def generate(cfg: GenerateConfig) -> dict[str, Any]:
-    """Generate every (model, prompt, image) once (a re-run skips finished shards); returns the JSON summary."""
+def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Generate every (model, prompt, image) once (a re-run skips finished shards); returns the JSON summary.
+
+    ``sets``: the prompt sets of ``cfg`` when the caller has read them already (:func:`load_prompt_sets`).
+    """
     import pyarrow.compute as pc
     import ray.data
 
     from sr_ray.ray_utils import init_ray
 
     t0 = time.perf_counter()
-    sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint)
+    if sets is None:
+        sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint)
     models = check_models(cfg.models)
     _check_out(cfg, _settings(cfg, sets), models)
     shards = plan(cfg, sets)
@@ -441,8 +460,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"model": model, "uri": uri, "sampling": to_dict(cfg.sampling),
                                    "precision": c.precision, "torch_threads": c.torch_threads,
                                    "batch_size": c.batch_size},
-            compute=ray.data.ActorPoolStrategy(size=c.num_actors),
-            num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if c.use_gpu else 0)
+            **c.map_kwargs())
         parts: dict[str, list] = {}
         need = {s: len(rows) * n_img for s, rows in todo.items()}
         total, done, t_model, last = sum(need.values()), 0, time.perf_counter(), time.perf_counter()
