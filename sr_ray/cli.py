@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -33,10 +34,27 @@ def setup_logging() -> None:
     logging.getLogger("sr_ray").setLevel(logging.INFO)
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any], stream=None) -> None:
     """The job's last stdout line: one JSON object."""
     sys.stdout.flush()
-    print(json.dumps(summary, default=str), flush=True)
+    print(json.dumps(summary, default=str), file=stream or sys.stdout, flush=True)
+
+
+def reserve_stdout():
+    """Keep the real stdout for the job's results and send everything else written to fd 1 to stderr.
+
+    Ray prints worker output and its own warnings to the driver's stdout from background threads, at any
+    time, even after the job's summary (seen: a raylet warning after a killed driver's summary). With fd 1
+    pointing at stderr from the start, the stream returned here (the original stdout) carries only what the
+    job prints on purpose, so its last line is always the JSON summary. (When sys.stdout is not the
+    process's own, e.g. a test capturing it, it is left as it is.)
+    """
+    if sys.stdout is not sys.__stdout__:
+        return sys.stdout
+    sys.stdout.flush()
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return results
 
 
 def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path | None, doc: str,
@@ -48,18 +66,23 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
     A :class:`~sr_ray.data.DataError` (bad input) ends the job with its message and status 1;
     a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
     """
-    from sr_ray.data import DataError
+    from sr_ray.core.errors import DataError
+    from sr_ray.core.parquet import data_error_of
 
     setup_logging()
     cfg = parse_job_args(cls, argv, default_config, doc)
+    results = reserve_stdout()
     try:
         summary = fn(cfg)
-    except DataError as e:
-        sys.exit(f"data error: {e}")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # bad data, possibly raised in a Ray task and wrapped: its message, not a traceback
+        err = e if isinstance(e, DataError) and not hasattr(e, "cause") else data_error_of(e)
+        if err is None:
+            raise
+        sys.exit(f"data error: {err}")  # to stderr, status 1
     if table is not None:
-        print(table(summary), flush=True)
-    print_summary(summary)
+        print(table(summary), file=results, flush=True)
+    print_summary(summary, results)
     return summary

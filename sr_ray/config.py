@@ -2,8 +2,9 @@
 
 Every job has one config dataclass whose fields are dataclasses themselves
 (``data``, ``model``, ``loss``, ``optim``, ``scaling``, ``run``). Loading is
-strict: an unknown key or a value of the wrong type raises :class:`ConfigError`
-naming the dotted key, before any Ray work starts. Workers get the config as a
+strict: an unknown key, a value of the wrong type, a negative number (unless the
+config class lists the field in ``SIGNED``) or a URI carrying credentials raises
+:class:`ConfigError` naming the dotted key, before any Ray work starts. Workers get the config as a
 plain dict (``to_dict``) and rebuild it with ``from_dict``.
 """
 
@@ -19,11 +20,10 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from sr_ray.core.errors import ConfigError  # re-exported: jobs and tests import it from here
+from sr_ray.storage import credential_problem, redact
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the dotted key."""
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -50,18 +50,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_shown(value)}")
         return _build(tp, value, key + ".")
     if origin in (list, Sequence, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
         return dict(value)
     if tp is Any:
         return value
@@ -70,26 +70,43 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}") from None
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
+        problem = credential_problem(str(value))
+        if problem:
+            raise ConfigError(f"{key}: {problem} is not accepted ({redact(str(value))}); give credentials the "
+                              f"standard AWS way (AWS_* environment variables, ~/.aws, an instance or service "
+                              f"account role) so they never reach a config file, log or summary")
         return str(value)
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def _shown(value: Any) -> str:
+    return redact(repr(value)) if isinstance(value, str) else repr(value)
+
+
+def _check_signs(cls: type, kwargs: dict[str, Any], prefix: str) -> None:
+    """Sizes, counts, rates and steps are never negative: refuse one, naming the key (``SIGNED`` fields excepted)."""
+    signed = getattr(cls, "SIGNED", ())
+    for k, v in kwargs.items():
+        if k not in signed and isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise ConfigError(f"{prefix}{k}: must be >= 0, got {v}")
 
 
 def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
@@ -104,6 +121,7 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))}"
         )
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    _check_signs(cls, kwargs, prefix)
     try:
         return cls(**kwargs)
     except ConfigError:

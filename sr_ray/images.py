@@ -9,8 +9,10 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-MAX_PIXELS = 64_000_000  # refuse decompression bombs well before PIL's own limit
-MIN_SIDE = 8
+from sr_ray.core.limits import DEFAULT_LIMITS, InputLimits
+
+# PIL's own bomb guard warns, then raises, at sizes of its choosing; decode() checks limits.max_pixels itself
+Image.MAX_IMAGE_PIXELS = None
 
 # Named colours a prompt can ask for; the demo's "taste" is that the dominant
 # colour of a popular image matches the colour named in its prompt.
@@ -31,14 +33,22 @@ class BadImage(ValueError):
     """Bytes that are not a usable image; the message says why."""
 
 
-def decode(data: bytes | None) -> Image.Image:
-    """Encoded JPEG/PNG/WebP bytes -> RGB PIL image; raises :class:`BadImage` with the reason."""
+def decode(data: bytes | None, limits: InputLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image; raises :class:`BadImage` with the reason.
+
+    Size, shape and byte limits are checked from the header, before pixels are decoded. What any image
+    becomes: the first frame of an animation; 16-bit and 32-bit grey scaled to 8 bits (PIL's own
+    conversion clips them, so a 16-bit PNG turned white); transparency composited over white (what a viewer
+    sees; dropping alpha shows whatever colour the transparent pixels happen to hold); CMYK, palette and
+    grey converted to RGB.
+    """
     if data is None or len(data) == 0:
         raise BadImage("empty image bytes")
+    if len(data) > limits.max_image_bytes:
+        raise BadImage(f"image of {len(data)} bytes exceeds limits.max_image_bytes={limits.max_image_bytes}")
     try:
         img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_PIXELS:
-            raise BadImage(f"image too large ({img.width}x{img.height})")
+        check_shape(img.width, img.height, limits)
         img.load()
     except BadImage:
         raise
@@ -46,8 +56,35 @@ def decode(data: bytes | None) -> Image.Image:
         # PIL names the buffer object (with its address) in the message: keep the reason stable across runs
         msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         raise BadImage(f"undecodable image: {type(e).__name__}: {msg}") from None
-    if min(img.size) < MIN_SIDE:
-        raise BadImage(f"image too small ({img.width}x{img.height})")
+    return to_rgb(img)
+
+
+def check_shape(width: int, height: int, limits: InputLimits = DEFAULT_LIMITS) -> None:
+    """Raise :class:`BadImage` when a ``width`` x ``height`` image is beyond ``limits``."""
+    if width * height > limits.max_pixels:
+        raise BadImage(f"image of {width}x{height} pixels exceeds limits.max_pixels={limits.max_pixels}")
+    if min(width, height) < limits.min_image_side:
+        raise BadImage(f"image too small ({width}x{height}; limits.min_image_side={limits.min_image_side})")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise BadImage(f"image of {width}x{height} is more elongated than "
+                       f"limits.max_aspect_ratio={limits.max_aspect_ratio:g}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (see :func:`decode`)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
 
 

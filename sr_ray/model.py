@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import open_clip
 import torch
@@ -31,6 +31,8 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 @dataclass
 class ModelConfig:
     """Which CLIP, which weights, which parts train."""
+
+    SIGNED: ClassVar[tuple[str, ...]] = ("unfreeze_vision_blocks", "unfreeze_text_blocks")  # -1: whole tower
 
     name: str = "sr-tiny"
     """open_clip architecture name (``open_clip.list_models()``), e.g. ``ViT-L-14``, or ``local-dir:/path``."""

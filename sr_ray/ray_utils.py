@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -15,7 +18,7 @@ def free_port() -> int:
 
 
 def init_ray(address: str | None = None, *, num_cpus: float | None = None,
-             env_vars: dict[str, str] | None = None, **kwargs: Any) -> None:
+             env_vars: dict[str, str] | None = None, **kwargs: Any) -> bool:
     """Join ``address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local cluster.
 
     Plain ``ray.init()`` would join whatever cluster ``ray start`` last recorded on
@@ -33,11 +36,17 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None,
 
     Ray Data's progress bars are turned off: jobs print their own progress lines, and
     the bars flood non-interactive logs.
+
+    Returns True when the cluster this process is connected to was started by it (a fixed size: nothing
+    will add nodes), False when it joined one.
     """
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if not ray.is_initialized():
+    started = False
+    if ray.is_initialized():
+        started = _STARTED_HERE[0]
+    else:
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
@@ -46,12 +55,85 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None,
             env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **(env_vars or {})}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                      dashboard_port=port, runtime_env={"env_vars": env}, **kwargs)
+            started = True
+        _STARTED_HERE[0] = started
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1":
         ctx.enable_progress_bars = False
         ctx.enable_operator_progress_bars = False
+    return started
+
+
+_STARTED_HERE = [False]  # whether this driver process started the cluster it is connected to
+
+
+def _pack(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The bundles that do not fit when placed first-fit (largest first) on the nodes' total resources."""
+    free = [dict(n) for n in nodes]
+    left = []
+    for b in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b.get("CPU", 0))):
+        node = next((n for n in free if all(n.get(k, 0.0) >= v - 1e-9 for k, v in b.items() if v)), None)
+        if node is None:
+            left.append(b)
+        else:
+            for k, v in b.items():
+                node[k] = node.get(k, 0.0) - v
+    return left
+
+
+def _counts(bundles: list[dict[str, float]]) -> list[tuple[dict[str, float], int]]:
+    out: list[tuple[dict[str, float], int]] = []
+    for b in bundles:
+        for i, (seen, n) in enumerate(out):
+            if seen == b:
+                out[i] = (seen, n + 1)
+                break
+        else:
+            out.append((b, 1))
+    return out
+
+
+def check_resources(bundles: list[dict[str, float]], what: str, fixed: bool, wait_s: float = 300.0) -> None:
+    """The bundles (each Train worker's or one actor's resources) must fit the cluster's nodes together.
+
+    A cluster started here is fixed: a bundle no node can hold is a ConfigError at once (Ray would wait for
+    ever, repeating autoscaler messages). On a joined cluster the autoscaler is asked for them
+    (``ray.autoscaler.sdk.request_resources``) and the job waits up to ``wait_s`` seconds before the same
+    error; the request is withdrawn after.
+    """
+    import time
+
+    import ray
+
+    from sr_ray.core.errors import ConfigError
+
+    def nodes() -> list[dict[str, float]]:
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    missing = _pack(bundles, nodes())
+    if not missing:
+        return
+    total = {k: sum(n.get(k, 0.0) for n in nodes()) for k in ("CPU", "GPU")}
+    shown = ", ".join(f"{n} x {b}" for b, n in _counts(bundles))
+    msg = (f"{what} need {shown}, which do not fit this Ray cluster's nodes (CPU {total['CPU']:g}, "
+           f"GPU {total['GPU']:g} in all; {len(missing)} of them would wait for ever)")
+    if fixed:
+        raise ConfigError(msg + "; lower the request or join a bigger cluster (run.ray_address / RAY_ADDRESS)")
+    from ray.autoscaler.sdk import request_resources
+
+    log.warning("%s: asking the autoscaler for it and waiting up to %.0f s", msg, wait_s)
+    request_resources(bundles=missing)
+    try:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if not _pack(bundles, nodes()):
+                return
+            time.sleep(min(5.0, max(wait_s / 5, 0.1)))
+    finally:
+        request_resources(bundles=[])
+    raise ConfigError(f"{msg}, and no node that could hold it joined within {wait_s:.0f} s")
 
 
 def in_ray_worker() -> bool:

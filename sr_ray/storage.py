@@ -10,14 +10,66 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow.fs as pafs
 
+from sr_ray.core.errors import ConfigError
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+_SECRET_PARAM = re.compile(r"(key|secret|token|signature|credential|password|passwd|sig|auth)", re.I)
+
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+def redact(uri: str) -> str:
+    """``uri`` without credentials: user info and query values become ``***`` (safe in messages and logs)."""
+    uri = str(uri)
+    if "://" not in uri:
+        return uri
+    uri = _USERINFO.sub(r"\1***@", uri)
+    if "?" in uri:
+        base, query = uri.split("?", 1)
+        uri = base + "?" + "&".join(p.split("=", 1)[0] + "=***" for p in query.split("&"))
+    return uri
+
+
+def credential_problem(value: str) -> str | None:
+    """Why a config value must not be a URI that carries credentials (None when it is fine).
+
+    Credentials come the standard AWS way (environment, ~/.aws, instance or service-account role); one
+    inside a URI would be written into config.yaml, summaries and logs.
+    """
+    value = str(value)
+    if "://" not in value:
+        return None
+    if _USERINFO.match(value):
+        return "a URI with user info (user:secret@)"
+    query = value.split("?", 1)[1] if "?" in value else ""
+    names = [p.split("=", 1)[0] for p in query.split("&") if p]
+    if any(_SECRET_PARAM.search(n) for n in names):
+        return "a URI with credentials in its query"
+    return None
+
+
+def check_output_dir(uri: str, key: str, endpoint: str | None = None) -> None:
+    """Refuse an output location that is a file (or lies under one) before any work: ConfigError naming ``key``."""
+    fs, path = resolve(uri, endpoint)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise ConfigError(f"{key}={redact(uri)} is a file; expected a folder (created when missing)")
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent = Path(path).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{key}={redact(uri)}: {parent} is a file, so no folder can be made under it")
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"{key}={redact(uri)}: {parent} is not writable")
 
 
 def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
@@ -50,7 +102,7 @@ def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str
     if is_s3(uri):
         return s3_filesystem(endpoint), uri[len("s3://"):].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/key")
+        raise ValueError(f"unsupported URI scheme in {redact(uri)!r}: use a local path or s3://bucket/key")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
@@ -121,12 +173,17 @@ def write_parquet(table, uri: str, endpoint: str | None = None, **kwargs) -> Non
     write_bytes(uri, buf.getvalue().to_pybytes(), endpoint)
 
 
-def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str | None = None) -> list[str]:
-    """Files under ``uri`` (recursively) whose names end with one of ``suffixes``; sorted paths."""
+def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str | None = None,
+               ignored: list[str] | None = None) -> list[str]:
+    """Files under ``uri`` (recursively) whose names end with one of ``suffixes``; sorted paths.
+
+    ``ignored``, when given, receives the other visible files (a README, a .csv beside the shards), so a
+    caller can say what it skipped instead of skipping it silently.
+    """
     fs, path = resolve(uri, endpoint)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri} does not exist")
+        raise FileNotFoundError(f"{redact(uri)} does not exist")
     if info.type == pafs.FileType.File:
         return [path]
     sel = pafs.FileSelector(path, recursive=True)
@@ -136,10 +193,10 @@ def list_files(uri: str, suffixes: Iterable[str] = (".parquet",), endpoint: str 
     def hidden(p: str) -> bool:  # Hadoop/Spark convention: _name and .name files and folders are not data
         return any(part.startswith((".", "_")) for part in p[len(root):].split("/"))
 
-    return sorted(
-        i.path for i in fs.get_file_info(sel)
-        if i.type == pafs.FileType.File and i.path.endswith(suffixes) and not hidden(i.path)
-    )
+    files = [i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File and not hidden(i.path)]
+    if ignored is not None:
+        ignored.extend(sorted(p for p in files if not p.endswith(suffixes)))
+    return sorted(p for p in files if p.endswith(suffixes))
 
 
 def data_file_names(uri: str, endpoint: str | None = None) -> set[str]:
