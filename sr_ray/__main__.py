@@ -16,13 +16,14 @@ def main(argv=None) -> int:
     sc.add_argument("images", nargs="+", help="image files (local or s3://)")
     args = parser.parse_args(argv)
 
+    from sr_ray.core.errors import DataError
     from sr_ray.images import BadImage
     from sr_ray.score import RewardScorer
 
     try:
         scorer = RewardScorer(args.checkpoint, device=args.device)
         scores = scorer.score(args.prompt, args.images)
-    except (FileNotFoundError, BadImage) as e:
+    except (FileNotFoundError, BadImage, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path, s in zip(args.images, scores):

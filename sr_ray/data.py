@@ -18,62 +18,22 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from sr_ray import images, storage
+from sr_ray.core import parquet
+from sr_ray.core.errors import DataError  # re-exported: stages and tests import it from here
+from sr_ray.config import from_dict, to_dict
+from sr_ray.core.limits import DEFAULT_LIMITS, InputLimits, clean_prompt, prompt_problem
 from sr_ray.demo import DemoConfig
 
 log = logging.getLogger(__name__)
 
 PACKED = ("pos_image", "neg_image")
 PATHS = ("pos_path", "neg_path")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the split, file, column or row."""
-
-
-@dataclass
-class ParquetInput:
-    path: str     # the filesystem's own path
-    rows: int
-    schema: Any   # pyarrow.Schema
-
-
-def parquet_inputs(uri: str, what: str, need: Sequence[str], one_of: Sequence[str] = (),
-                   binary: Sequence[str] = (), endpoint: str | None = None, expected: str = "") -> list[ParquetInput]:
-    """The Parquet files under ``uri`` with their rows and schema, from the footers, each checked before Ray
-    starts: ``need`` columns present, at least one of ``one_of``, ``binary`` columns (where present) bytes.
-    Errors name ``what``, the file and the column; ``expected`` describes the contract in them."""
-    try:
-        paths = storage.list_files(uri, endpoint=endpoint)
-    except FileNotFoundError:
-        raise DataError(f"{what}={uri}: no such file or folder") from None
-    if not paths:
-        raise DataError(f"{what}={uri}: no .parquet files there")
-    fs, _ = storage.resolve(uri, endpoint)
-    out = []
-    for p in paths:
-        try:
-            with fs.open_input_file(p) as f:
-                meta = pq.ParquetFile(f)
-                schema, rows = meta.schema_arrow, meta.metadata.num_rows
-        except Exception as e:
-            raise DataError(f"{what}: {p} is not a readable Parquet file ({e})") from None
-        cols = schema.names
-        lacking = [c for c in need if c not in cols]
-        if one_of and not any(c in cols for c in one_of):
-            lacking.append(" or ".join(one_of))
-        if lacking:
-            raise DataError(f"{what}: {p} lacks column(s) {lacking}; {expected + '; ' if expected else ''}has {cols}")
-        for c in binary:
-            if c in cols and not str(schema.field(c).type).startswith(("binary", "large_binary")):
-                raise DataError(f"{what}: {p} column {c} is {schema.field(c).type}, expected binary")
-        out.append(ParquetInput(p, rows, schema))
-    return out
 
 
 @dataclass
@@ -102,6 +62,8 @@ class DataConfig:
     """Batches prefetched by each train worker's iterator."""
     shuffle_buffer: int = 256
     """Rows in each train worker's local shuffle buffer (0: no shuffle)."""
+    limits: InputLimits = field(default_factory=InputLimits)
+    """Largest image (pixels, bytes, aspect ratio), smallest side, longest prompt: beyond them a row is bad."""
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
@@ -114,76 +76,79 @@ class DataConfig:
 @dataclass
 class SplitInfo:
     uri: str
-    files: list[str]
+    files: list[str]   # the filesystem's own paths
     rows: int
     form: str  # "packed" | "paths"
+    parquet: list[parquet.ParquetFile] = field(default_factory=list, repr=False)
 
-
-def _fmt(uri: str, path: str) -> str:
-    return f"s3://{path}" if storage.is_s3(uri) else path
+    def identity(self) -> list[dict[str, Any]]:
+        """The identity of every file (URI, size, mtime): what a resumed run must find unchanged."""
+        return [f.identity() for f in self.parquet]
 
 
 def _image_uri(value: str, image_root: str | None) -> str:
-    if storage.is_s3(value) or value.startswith("/") or not image_root:
+    if storage.is_s3(value) or value.startswith("/") or "://" in value or not image_root:
         return value
     return storage.join(image_root, value)
 
 
+FORMS = {"packed": {"prompt": "string", "pos_image": "binary", "neg_image": "binary"},
+         "paths": {"prompt": "string", "pos_path": "string", "neg_path": "string"}}
+
+
 def split_info(split: str, uri: str, cfg: DataConfig) -> SplitInfo:
     """Files, form and row count of one split; raises :class:`DataError` naming what is wrong."""
-    try:
-        files = storage.list_files(uri, endpoint=cfg.s3_endpoint)
-    except FileNotFoundError:
-        raise DataError(f"data.{split}={uri}: no such file or folder") from None
-    except OSError as e:
-        raise DataError(f"data.{split}={uri}: cannot list it ({e})") from None
-    if not files:
-        raise DataError(f"data.{split}={uri}: no .parquet files there")
-    fs, _ = storage.resolve(uri, cfg.s3_endpoint)
-    rows, form = 0, None
-    for path in files:
-        try:
-            meta = pq.ParquetFile(fs.open_input_file(path)).metadata
-        except Exception as e:
-            raise DataError(f"data.{split}: {_fmt(uri, path)} is not a readable Parquet file ({e})") from None
-        names = set(meta.schema.names)
+    what = f"data.{split}"
+    files = parquet.inspect_files(uri, what, cfg.s3_endpoint)
+    form = None
+    for f in files:
+        names = set(f.schema.names)
         this = "packed" if set(PACKED) <= names else "paths" if set(PATHS) <= names else None
-        missing = [c for c in ("prompt",) if c not in names]
-        if this is None or missing:
+        if this is None or "prompt" not in names:
             want = "prompt + pos_image, neg_image (packed) or prompt + pos_path, neg_path (authors' form)"
-            lacking = sorted(set(("prompt",) + (PACKED if "pos_image" in names or "neg_image" in names else PATHS)) - names)
-            raise DataError(f"data.{split}: {_fmt(uri, path)} lacks column(s) {lacking}; expected {want}; "
-                            f"has {sorted(names)}")
+            lacking = sorted(set(("prompt",) + (PACKED if "pos_image" in names or "neg_image" in names else PATHS))
+                             - names)
+            raise DataError(f"{what}: {f.uri} lacks column(s) {lacking}; expected {want}; has {sorted(names)}")
         if form is not None and this != form:
-            raise DataError(f"data.{split}: {_fmt(uri, path)} is in the {this} form but earlier files are {form}")
+            raise DataError(f"{what}: {f.uri} is in the {this} form but earlier files are {form}")
         form = this
-        rows += meta.num_rows
+    parquet.check_column_types(files, what, FORMS[form])
+    rows = sum(f.rows for f in files)
     if rows == 0:
-        raise DataError(f"data.{split}={uri}: the dataset is empty (0 rows in {len(files)} file(s))")
-    return SplitInfo(uri=uri, files=files, rows=rows, form=form)
+        raise DataError(f"{what}={storage.redact(uri)}: the dataset is empty (0 rows in {len(files)} file(s))")
+    return SplitInfo(uri=uri, files=[f.path for f in files], rows=rows, form=form, parquet=files)
+
+
+def _sample_rows(split: str, info: SplitInfo, cfg: DataConfig, cols: list[str]) -> tuple[dict, str]:
+    """The first ``preflight_rows`` rows of the split's first non-empty file (a corrupt page is named)."""
+    fs, _ = storage.resolve(info.uri, cfg.s3_endpoint)
+    f = next(f for f in info.parquet if f.rows)
+    try:
+        with fs.open_input_file(f.path) as fh:
+            table = next(pq.ParquetFile(fh).iter_batches(batch_size=max(cfg.preflight_rows, 1), columns=cols))
+    except Exception as e:
+        raise DataError(f"data.{split}: {f.uri} cannot be read (corrupt Parquet data: {type(e).__name__}: {e})") \
+            from None
+    return {c: table.column(c).to_pylist() for c in cols}, f.uri
 
 
 def _sample_check(split: str, info: SplitInfo, cfg: DataConfig) -> None:
-    fs, _ = storage.resolve(info.uri, cfg.s3_endpoint)
-    path = info.files[0]
     cols = ["prompt", *(PACKED if info.form == "packed" else PATHS)]
-    pf = pq.ParquetFile(fs.open_input_file(path))
-    table = next(pf.iter_batches(batch_size=max(cfg.preflight_rows, 1), columns=cols))
-    batch = {c: table.column(c).to_pylist() for c in cols}
+    batch, uri = _sample_rows(split, info, cfg, cols)
     bad = []
     for i in range(len(batch["prompt"])):
         for col in cols[1:]:
             try:
-                data = batch[col][i] if info.form == "packed" else read_image_bytes(batch[col][i], cfg.image_root, cfg.s3_endpoint)
-                images.decode(data)
-            except (images.BadImage, OSError, ValueError) as e:
+                data = batch[col][i] if info.form == "packed" else read_image_bytes(batch[col][i], cfg.image_root,
+                                                                                    cfg.s3_endpoint)
+                images.decode(data, cfg.limits)
+            except images.BadImage as e:
                 bad.append(f"row {i} {col}: {e}")
     n = len(batch["prompt"])
     if n and len(bad) > cfg.max_bad_row_rate * n * 2:
         shown = "; ".join(bad[:3])
         raise DataError(f"data.{split}: {len(bad)} of {2 * n} images in the first {n} rows of "
-                        f"{_fmt(info.uri, path)} are unusable (more than data.max_bad_row_rate="
-                        f"{cfg.max_bad_row_rate}): {shown}")
+                        f"{uri} are unusable (more than data.max_bad_row_rate={cfg.max_bad_row_rate}): {shown}")
 
 
 def preflight(cfg: DataConfig) -> dict[str, SplitInfo]:
@@ -199,15 +164,33 @@ def preflight(cfg: DataConfig) -> dict[str, SplitInfo]:
     return out
 
 
-def read_image_bytes(uri: str | None, image_root: str | None, endpoint: str | None) -> bytes:
-    """Bytes of an image URI (relative ones under ``image_root``); unreadable -> :class:`images.BadImage`."""
+def read_image_bytes(uri: str | None, image_root: str | None, endpoint: str | None,
+                     limits: InputLimits = DEFAULT_LIMITS) -> bytes:
+    """Bytes of an image URI (relative ones under ``image_root``); unreadable -> :class:`images.BadImage`.
+
+    A URI sr-ray cannot read (``https://``, ``gs://``), a relative path with no ``image_root``, a
+    missing file and one beyond ``limits.max_image_bytes`` are bad rows with their reason, like an
+    undecodable image.
+    """
     if not uri:
         raise images.BadImage("empty image path")
+    if not isinstance(uri, str):
+        raise images.BadImage(f"image path is {type(uri).__name__}, not text")
+    if not image_root and not (uri.startswith("/") or "://" in uri):
+        raise images.BadImage(f"relative image path {uri!r} and no image_root to resolve it against")
     full = _image_uri(uri, image_root)
     try:
-        return storage.read_bytes(full, endpoint=endpoint)
-    except (OSError, FileNotFoundError) as e:
-        raise images.BadImage(f"unreadable image URI {full}: {e}") from None
+        fs, path = storage.resolve(full, endpoint)
+        info = fs.get_file_info(path)
+        if info.size is not None and info.size > limits.max_image_bytes:
+            raise images.BadImage(f"image {storage.redact(full)} of {info.size} bytes exceeds "
+                                  f"limits.max_image_bytes={limits.max_image_bytes}")
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+    except images.BadImage:
+        raise
+    except (OSError, ValueError) as e:  # missing file, no permission, unsupported scheme
+        raise images.BadImage(f"unreadable image URI {storage.redact(full)}: {e}") from None
 
 
 def prompt_id(prompt: str) -> int:
@@ -217,8 +200,8 @@ def prompt_id(prompt: str) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _prep_state(model_json: str) -> tuple[Any, Any]:
-    """(image transform, tokenizer), built once per worker process and model config.
+def _prep_state(model_json: str) -> tuple[Any, Any, tuple[int, int, int]]:
+    """(image transform, tokenizer, pixel shape), built once per worker process and model config.
 
     Threads are left alone: Ray gives a task or actor as many intra-op threads as its CPUs (1 for
     fractional ones), and a process that also runs a model (a scorer actor into which Ray Data
@@ -227,89 +210,101 @@ def _prep_state(model_json: str) -> tuple[Any, Any]:
     from sr_ray import model as model_lib
 
     mcfg = model_lib.ModelConfig(**json.loads(model_json))
-    return model_lib.image_transform(model_lib.preprocess_cfg(mcfg)), model_lib.tokenizer(mcfg)
+    pcfg = model_lib.preprocess_cfg(mcfg)
+    s = pcfg["size"]
+    shape = (3, *(s if isinstance(s, (list, tuple)) else (s, s)))
+    return model_lib.image_transform(pcfg), model_lib.tokenizer(mcfg), shape
+
+
+def preprocessing(model_cfg: dict) -> tuple[Any, Any, tuple[int, int, int]]:
+    """(image transform, tokenizer, pixel shape (3, H, W)) of a model config, cached per process."""
+    return _prep_state(json.dumps(model_cfg, sort_keys=True))
 
 
 class TripletPreprocessor:
     """Batch of triplet rows -> model inputs; the map_batches function of the pipeline.
 
-    In: ``prompt`` and ``pos_image``/``neg_image`` bytes or ``pos_path``/``neg_path`` URIs.
+    In: ``prompt`` and ``pos_image``/``neg_image`` bytes or ``pos_path``/``neg_path`` URIs (and, from the
+    row-group reader, ``__error`` on the rows of an unreadable row group).
     Out (numpy): ``tokens`` (B, L) int64, ``pos``/``neg`` (B, 3, H, W) float32,
     ``prompt_id`` (B,) int64 and ``valid`` (B,) bool. A row with an unusable
-    image keeps its place with zero pixels and ``valid=False``, so the train
+    image or prompt keeps its place with zero pixels and ``valid=False``, so the train
     loop counts it exactly and drops it; it is never silently lost.
     """
 
     def __init__(self, model_cfg: dict, data_cfg: dict):
-        self.model_json = json.dumps(model_cfg, sort_keys=True)
-        self.data_cfg = DataConfig(**{k: v for k, v in data_cfg.items() if k != "demo"})
+        self.model_cfg = dict(model_cfg)
+        self.data_cfg = from_dict(DataConfig, {k: v for k, v in data_cfg.items() if k != "demo"})
 
-    def _load(self, batch: dict[str, np.ndarray], col: str, form_cols: tuple[str, str]) -> list:
+    def _load(self, batch: dict[str, np.ndarray], col: str) -> list:
         if col in batch:
             return list(batch[col])
-        path_col = PATHS[PACKED.index(col)]
-        paths = list(batch[path_col])
+        paths = list(batch[PATHS[PACKED.index(col)]])
+        d = self.data_cfg
 
         def fetch(uri):
             try:
-                return read_image_bytes(uri, self.data_cfg.image_root, self.data_cfg.s3_endpoint)
+                return read_image_bytes(uri, d.image_root, d.s3_endpoint, d.limits)
             except images.BadImage as e:
                 return e
 
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(paths)))) as ex:
             return list(ex.map(fetch, paths))
 
+    def _reasons(self, batch: dict[str, np.ndarray], prompts: list) -> list[str | None]:
+        errors = batch.get(parquet.ERROR_COL)
+        reasons = [prompt_problem(p, self.data_cfg.limits) for p in prompts]
+        if errors is not None:
+            reasons = [e if e else r for e, r in zip(errors, reasons)]
+        return reasons
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        transform, tok = _prep_state(self.model_json)
-        prompts = [str(p) if p is not None else "" for p in batch["prompt"]]
-        valid = np.array([bool(p.strip()) for p in prompts])
-        size = None
+        transform, tok, shape = preprocessing(self.model_cfg)
+        prompts = list(batch["prompt"])
+        reasons = self._reasons(batch, prompts)
         out_imgs: dict[str, list] = {}
         for col in PACKED:
-            raw = self._load(batch, col, PACKED)
+            raw = self._load(batch, col) if any(r is None for r in reasons) else [None] * len(prompts)
             arrs = []
             for i, data in enumerate(raw):
-                try:
-                    if isinstance(data, Exception):
-                        raise data
-                    arr = transform(images.decode(data)).numpy()
-                    size = arr.shape
-                except images.BadImage as e:
-                    if valid[i]:
-                        log.warning("skipping row (prompt %r): %s: %s", prompts[i][:60], col, e)
-                    valid[i] = False
-                    arr = None
+                arr = None
+                if reasons[i] is None:
+                    try:
+                        if isinstance(data, Exception):
+                            raise data
+                        arr = transform(images.decode(data, self.data_cfg.limits)).numpy()
+                    except images.BadImage as e:
+                        reasons[i] = f"{col}: {e}"
                 arrs.append(arr)
             out_imgs[col] = arrs
-        if size is None:
-            pcfg = json.loads(self.model_json)
-            from sr_ray.model import ModelConfig, preprocess_cfg
-
-            s = preprocess_cfg(ModelConfig(**pcfg))["size"]
-            size = (3, *(s if isinstance(s, (list, tuple)) else (s, s)))
-        zeros = np.zeros(size, dtype=np.float32)
+        unread = batch.get(parquet.ERROR_COL)
+        for i, r in enumerate(reasons):
+            if r is not None and (unread is None or not unread[i]):  # unreadable row groups are logged once
+                log.warning("skipping row (prompt %r): %s", str(prompts[i])[:60], r)
+        texts = [clean_prompt(p) if r is None else "" for p, r in zip(prompts, reasons)]
+        zeros = np.zeros(shape, dtype=np.float32)
         with torch.no_grad():
-            tokens = tok(prompts).numpy().astype(np.int64)
+            tokens = tok(texts).numpy().astype(np.int64)
         return {
             "tokens": tokens,
             "pos": np.stack([a if a is not None else zeros for a in out_imgs["pos_image"]]).astype(np.float32),
             "neg": np.stack([a if a is not None else zeros for a in out_imgs["neg_image"]]).astype(np.float32),
-            "prompt_id": np.array([prompt_id(p) for p in prompts], dtype=np.int64),
-            "valid": valid,
+            "prompt_id": np.array([prompt_id(t) for t in texts], dtype=np.int64),
+            "valid": np.array([r is None for r in reasons]),
         }
 
 
 def triplet_dataset(info: SplitInfo, model_cfg: dict, data_cfg: DataConfig):
-    """Lazy streaming Ray Dataset of preprocessed triplets for one split (nothing is read yet)."""
-    import ray.data
+    """Lazy streaming Ray Dataset of preprocessed triplets for one split (nothing is read yet).
 
-    from sr_ray.config import to_dict
-
-    fs, _ = storage.resolve(info.uri, data_cfg.s3_endpoint)
+    Read by row group (:mod:`sr_ray.core.parquet`): a row group that cannot be read (a corrupt data page)
+    becomes bad rows named in the log, counted like undecodable images.
+    """
     cols = ["prompt", *(PACKED if info.form == "packed" else PATHS)]
-    ds = ray.data.read_parquet(info.files, filesystem=fs).select_columns(cols)
+    ds = parquet.read(info.parquet, cols, f"data split {storage.redact(info.uri)}", data_cfg.s3_endpoint,
+                      num_cpus=data_cfg.map_num_cpus)
     return ds.map_batches(
         TripletPreprocessor(model_cfg, to_dict(data_cfg)),
         batch_format="numpy",

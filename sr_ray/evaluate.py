@@ -328,14 +328,14 @@ def _ensure_finetuned(cfg: EvaluateT2IConfig) -> None:
 def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
     """Generate (or reuse), score, tabulate; returns the JSON summary (also ``<out>/summary.json``)."""
     from sr_ray.ray_utils import init_ray
-    from sr_ray.score import model_file
+    from sr_ray.score import read_checkpoint
 
     t0 = time.perf_counter()
     ep = cfg.s3_endpoint
     metrics = cfg.metrics
     if "social_reward" in metrics.names:
         if metrics.social_reward_checkpoint:
-            model_file(metrics.social_reward_checkpoint)  # fails now, naming it, when it is not a checkpoint
+            read_checkpoint(metrics.social_reward_checkpoint, mmap=True)  # fails now, naming it, if not a checkpoint
         else:
             from sr_ray.batch_score import demo_checkpoint
 

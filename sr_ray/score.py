@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sr_ray import images, storage
+from sr_ray.core.errors import DataError
 from sr_ray.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
 MODEL_FILE = "model.pt"
@@ -48,17 +49,37 @@ def save_model(path: str | os.PathLike, model: RewardModel, cfg: ModelConfig, fu
 
 
 def model_file(checkpoint: str) -> Path:
-    """The local ``model.pt`` of a checkpoint folder (local or s3://, copied once) or file; FileNotFoundError if none."""
-    local = Path(storage.local_copy(str(checkpoint), "sr-ray-ckpt-"))
+    """The local ``model.pt`` of a checkpoint folder (local or s3://, copied once) or file; DataError if none."""
+    try:
+        local = Path(storage.local_copy(str(checkpoint), "sr-ray-ckpt-"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"checkpoint={storage.redact(checkpoint)}: cannot read it ({e})") from None
     f = local / MODEL_FILE if local.is_dir() else local
     if not f.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {MODEL_FILE} (not an sr-ray reward checkpoint)")
+        what = "does not exist" if not local.exists() else f"holds no {MODEL_FILE}"
+        raise DataError(f"checkpoint={storage.redact(checkpoint)} {what} (not an sr-ray reward checkpoint)")
     return f
+
+
+def read_checkpoint(checkpoint: str, mmap: bool = False) -> dict:
+    """The ``model.pt`` dict of a reward checkpoint, loaded with ``weights_only=True`` (tensors and plain
+    values only: never an arbitrary pickle); anything else is a DataError naming the file."""
+    f = model_file(checkpoint)
+    try:
+        blob = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a text file: "mmap ..." or "invalid load key"; a foreign pickle: "Unsupported global"
+        raise DataError(f"checkpoint={storage.redact(checkpoint)}: {f} is not an sr-ray reward checkpoint "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in ("model_config", "state_dict", "full") if not isinstance(blob, dict) or k not in blob]
+    if missing:
+        raise DataError(f"checkpoint={storage.redact(checkpoint)}: {f} lacks {missing} (not an sr-ray reward "
+                        f"checkpoint)")
+    return blob
 
 
 def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[RewardModel, ModelConfig]:
     """A checkpoint folder (local or s3://) -> (RewardModel in eval mode, its ModelConfig)."""
-    blob = torch.load(model_file(checkpoint), map_location="cpu", weights_only=True)
+    blob = read_checkpoint(checkpoint)
     cfg = ModelConfig(**blob["model_config"])
     clip = build_clip(cfg, load_weights=not blob["full"])
     missing, unexpected = clip.load_state_dict(blob["state_dict"], strict=blob["full"])

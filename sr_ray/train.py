@@ -25,8 +25,9 @@ import torch
 
 from sr_ray import storage
 from sr_ray.cli import setup_logging
-from sr_ray.ray_utils import init_ray, worker_prints_to_stderr
 from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.core import identity
+from sr_ray.ray_utils import check_resources, init_ray, worker_prints_to_stderr
 from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
 from sr_ray.losses import LossConfig, compute_loss
 from sr_ray.model import ModelConfig, RewardModel, build_clip, count_params
@@ -37,6 +38,13 @@ log = logging.getLogger("sr_ray.train")
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 FAULT_MARKER = ".fault_injected"
+IDENTITY_FILE = "run_identity.json"
+DATA_ERROR_FILE = "_data_error.txt"
+# keys a resumed run may change: they decide where and how fast it runs, or how it reports, not what it learns
+OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.overwrite",
+               "run.checkpoints_to_keep", "scaling.max_failures", "scaling.resource_wait_s", "data.s3_endpoint",
+               "data.preflight_rows", "data.map_num_cpus", "data.map_batch_size", "data.prefetch_batches",
+               "data.min_rows_for_bad_rate", "data.max_bad_row_rate", "data.demo.cache_dir")
 
 
 @dataclass
@@ -76,6 +84,8 @@ class ScalingConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU), bf16, or fp32."""
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
+    resource_wait_s: float = 300.0
+    """On a cluster that may grow (joined, not started here): how long to wait for nodes that can hold a worker."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -87,7 +97,10 @@ class ScalingConfig:
 @dataclass
 class RunConfig:
     name: str = "sr-reward-demo"
-    """Run name; re-running with the same name and storage resumes."""
+    """Run name; re-running with the same name, storage, settings and data resumes (other settings or data
+    under the same name are refused, naming what differs)."""
+    overwrite: bool = False
+    """Delete an existing run of this name (other settings or data) and start it again."""
     storage_path: str = "./runs"
     """Local folder or s3://bucket/prefix that holds runs (checkpoints, config, TensorBoard, summary)."""
     val_every_steps: int = 0
@@ -157,6 +170,11 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class StopForData(DataError):
+    """Raised by every worker at the same step (its test uses numbers summed over workers): the run stops
+    without the retries Ray Train gives a crashed worker, and the driver reports the message."""
+
+
 class Reducer:
     """Sums numbers over workers (gloo or nccl); identity with one worker."""
 
@@ -197,7 +215,8 @@ def evaluate(model: RewardModel, shard, cfg: TrainRewardConfig, device, autocast
     correct, count, loss_sum, bad = reducer.sum(correct, count, loss_sum, bad)
     model.train()
     if count == 0:
-        raise DataError("validation split produced no usable triplets")
+        raise StopForData(f"the validation split produced no usable triplets ({int(bad)} bad rows; their reasons "
+                          f"are in the log)")
     return {"val_pairwise_accuracy": correct / count, "val_loss": loss_sum / count,
             "val_triplets": int(count), "val_bad_rows": int(bad)}
 
@@ -225,7 +244,22 @@ def train_step(model, batch, loss_cfg: LossConfig, optim, params, grad_clip: flo
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """The per-worker training loop (Ray Train). ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
+    """The per-worker training loop (Ray Train). ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}.
+
+    Bad data (too many bad rows, an empty validation) ends the run on every worker at once: rank 0 leaves the
+    message in ``<run dir>/_data_error.txt`` and every worker returns, so Ray Train does not restart workers
+    to fail again on the same data; the driver raises it as a :class:`DataError`.
+    """
+    try:
+        _train_loop(config)
+    except StopForData as e:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:
+            storage.write_text(storage.join(config["run_dir"], DATA_ERROR_FILE), str(e))
+
+
+def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
@@ -260,7 +294,7 @@ def train_func(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             blob = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
             model.clip.load_state_dict(blob["state_dict"], strict=blob["full"])
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best_acc = state["step"], state["best_val_pairwise_accuracy"]
@@ -340,10 +374,13 @@ def train_func(config: dict[str, Any]) -> None:
             tokens, pos, neg, pids, valid = _batch_to(batch, device)
             bad += float((~valid).sum())
             seen += float(valid.numel())
-            if seen >= cfg.data.min_rows_for_bad_rate and bad / seen > cfg.data.max_bad_row_rate:
-                raise DataError(f"worker {rank}: {int(bad)} of {int(seen)} training rows ({bad / seen:.1%}) had "
-                                f"unusable images, more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}; "
-                                f"the skipped rows are logged above")
+            all_bad, all_seen = reducer.sum(bad, seen)  # every worker takes the same decision
+            if all_seen >= cfg.data.min_rows_for_bad_rate and all_bad / all_seen > cfg.data.max_bad_row_rate:
+                raise StopForData(
+                    f"{int(all_bad)} of {int(all_seen)} training rows ({all_bad / all_seen:.1%}) had an unusable "
+                    f"image or prompt (or sat in an unreadable Parquet row group), more than "
+                    f"data.max_bad_row_rate={cfg.data.max_bad_row_rate}; each skipped row and unreadable row "
+                    f"group is named in the log")
             last_loss = train_step(model, (tokens, pos, neg, pids, valid), cfg.loss, optim, params,
                                    cfg.optim.grad_clip, autocast)
             sched.step()
@@ -384,7 +421,7 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def check_config(cfg: TrainRewardConfig) -> None:
-    """Config checks that need no data: batch split, model name and weights."""
+    """Config checks that need no data: batch split, model name and weights, where the run goes."""
     import open_clip
 
     if cfg.optim.batch_size % cfg.scaling.num_workers:
@@ -398,23 +435,40 @@ def check_config(cfg: TrainRewardConfig) -> None:
             and not open_clip.get_pretrained_cfg(name, pre):
         raise ConfigError(f"model.pretrained={pre!r} is neither a file nor a pretrained tag of {name} "
                           f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
+    storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
+    storage.check_output_dir(run_dir(cfg), "run.name", cfg.data.s3_endpoint)
 
 
-def _init_ray(cfg: TrainRewardConfig) -> None:
+def run_identity(cfg: TrainRewardConfig, infos: dict) -> dict[str, Any]:
+    """What a run is: its settings (less the OPERATIONAL keys) and every data file's URI, size and mtime."""
+    flat = identity.flatten(to_dict(cfg))
+    drop = set(OPERATIONAL) | {"run.name", "run.storage_path"}
+    return {"config": {k: v for k, v in flat.items() if k not in drop},
+            "data": {split: info.identity() for split, info in infos.items()}}
+
+
+def claim_run(cfg: TrainRewardConfig, infos: dict, rdir: str) -> bool:
+    """Resume only the same run (see :func:`sr_ray.core.identity.claim`); True when resuming."""
+    resuming = identity.claim(rdir, IDENTITY_FILE, run_identity(cfg, infos), f"run.name={cfg.run.name}",
+                              "run.overwrite=true", cfg.run.overwrite, cfg.data.s3_endpoint)
+    if resuming:
+        log.info("[train] %s: same settings and data as the run there: resuming it", storage.redact(rdir))
+    return resuming
+
+
+def _init_ray(cfg: TrainRewardConfig) -> bool:
     """Join ``run.ray_address`` or ``RAY_ADDRESS``, else start a local cluster (see :func:`init_ray`)."""
-    init_ray(cfg.run.ray_address)
+    return init_ray(cfg.run.ray_address)
 
 
-def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_test: bool = True) -> dict[str, Any]:
-    """Run the whole job; returns (and writes as ``summary.json``) the summary dict.
+def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
+    """One Train worker's resources (``ScalingConfig.resources_per_worker``)."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
-    ``callbacks``: Ray Train callbacks (the Tune sweep passes ``TuneReportCallback``);
-    ``score_test``: score the test split with the best checkpoint at the end.
-    """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
+def prepare(cfg: TrainRewardConfig) -> tuple[TrainRewardConfig, dict, int]:
+    """Everything before the cluster trains: config and data checks, the run's identity, ``config.yaml``.
+    Returns (resolved config, split infos, steps per epoch)."""
     check_config(cfg)
     if not cfg.data.train and cfg.data.demo.source == "community":
         _init_ray(cfg)  # the demo chain curates on Ray Data first
@@ -426,33 +480,37 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
     if steps < 1:
         raise DataError(f"data.train has {rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
     rdir = run_dir(cfg)
+    claim_run(cfg, infos, rdir)
     storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
-    log.info("[train] run dir %s; train %d triplets (%s form), %s", rdir, rows, infos["train"].form,
-             ", ".join(f"{k} {v.rows}" for k, v in infos.items() if k != "train"))
+    log.info("[train] run dir %s; train %d triplets (%s form), %s", storage.redact(rdir), rows,
+             infos["train"].form, ", ".join(f"{k} {v.rows}" for k, v in infos.items() if k != "train"))
+    return cfg, infos, steps
 
-    _init_ray(cfg)
+
+def fit(cfg: TrainRewardConfig, infos: dict, steps: int, callbacks: list | None):
+    """The TorchTrainer over :func:`train_func`; returns (Result, storage filesystem or None, wall seconds)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     model_cfg = to_dict(cfg.model)
     datasets = {k: triplet_dataset(infos[k], model_cfg, cfg.data) for k in ("train", "val") if k in infos}
-    has_val = "val" in datasets
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    fs = None
-    storage_path = cfg.run.storage_path
+    fs, storage_path = None, cfg.run.storage_path
     if storage.is_s3(storage_path):
         fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
+    rdir = run_dir(cfg)
+    error_file = storage.join(rdir, DATA_ERROR_FILE)
+    _remove(error_file, cfg.data.s3_endpoint)  # a stale one from an earlier attempt
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": steps, "run_dir": rdir,
-                           "splits": list(datasets)},
+        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": steps, "run_dir": rdir, "splits": list(datasets)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_bundle(cfg.scaling)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep,
-                checkpoint_score_attribute="val_pairwise_accuracy" if has_val else None,
+                checkpoint_score_attribute="val_pairwise_accuracy" if "val" in datasets else None,
                 checkpoint_score_order="max"),
             callbacks=callbacks or None,
         ),
@@ -460,20 +518,34 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
     )
     t0 = time.perf_counter()
     result = trainer.fit()
-    wall = time.perf_counter() - t0
-    if has_val:
+    if storage.exists(error_file, cfg.data.s3_endpoint):
+        raise DataError(storage.read_bytes(error_file, cfg.data.s3_endpoint).decode())
+    return result, fs, time.perf_counter() - t0
+
+
+def _remove(uri: str, endpoint: str | None) -> None:
+    fs, path = storage.resolve(uri, endpoint)
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def summarize(cfg: TrainRewardConfig, infos: dict, result, fs, wall: float, score_test: bool) -> dict[str, Any]:
+    """The run's summary from Train's result; the best checkpoint scores the test split."""
+    rdir = run_dir(cfg)
+    if "val" in infos:
         best = result.get_best_checkpoint(metric="val_pairwise_accuracy", mode="max")
         best_metrics = max((m for _, m in result.best_checkpoints), key=lambda m: m["val_pairwise_accuracy"])
     else:
         best, best_metrics = result.checkpoint, result.best_checkpoints[-1][1]
     if best is None:
-        raise RuntimeError(f"training of {rdir} produced no checkpoint")
+        raise RuntimeError(f"training of {storage.redact(rdir)} produced no checkpoint")
     best_uri = storage.to_uri(best.path, fs is not None)
     last_metrics = result.metrics or {}  # the latest report (every report carries a checkpoint)
-    model = build_clip(cfg.model, load_weights=False)
-    trainable, total = count_params(model)
+    trainable, total = count_params(build_clip(cfg.model, load_weights=False))
     summary: dict[str, Any] = {
-        "run_dir": rdir,
+        "run_dir": storage.redact(rdir),
         "checkpoint": best_uri,
         "val_pairwise_accuracy": best_metrics.get("val_pairwise_accuracy"),
         "val_loss": best_metrics.get("val_loss"),
@@ -484,16 +556,33 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
         "triplets_per_s": last_metrics.get("triplets_per_s"),
         "bad_rows": last_metrics.get("bad_rows"),
         "resumed_from_step": last_metrics.get("resumed_from_step"),
-        "train_triplets": rows,
-        "splits": {k: getattr(cfg.data, k) for k in ("train", "val", "test")},
+        "train_triplets": infos["train"].rows,
+        "splits": {k: storage.redact(getattr(cfg.data, k)) if getattr(cfg.data, k) else None
+                   for k in ("train", "val", "test")},
         "loss": cfg.loss.name,
         "model": cfg.model.name,
         "wall_s": round(wall, 1),
     }
     if "test" in infos and score_test:
-        test = evaluate_split(best_uri, infos["test"], model_cfg, cfg.data)
+        test = evaluate_split(best_uri, infos["test"], to_dict(cfg.model), cfg.data)
         summary["test_pairwise_accuracy"] = test["pairwise_accuracy"]
         summary["test_triplets"] = test["triplets"]
         summary["test_bad_rows"] = test["bad_rows"]
-    storage.write_text(storage.join(rdir, "summary.json"), json.dumps(summary, indent=1))
+    return summary
+
+
+def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_test: bool = True) -> dict[str, Any]:
+    """Run the whole job; returns (and writes as ``summary.json``) the summary dict.
+
+    ``callbacks``: Ray Train callbacks (the Tune sweep passes ``TuneReportCallback``);
+    ``score_test``: score the test split with the best checkpoint at the end.
+    """
+    cfg, infos, steps = prepare(cfg)
+    fixed = _init_ray(cfg)
+    check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers + [{"CPU": cfg.data.map_num_cpus}],
+                    "the training workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker) and "
+                    "a Ray Data task (data.map_num_cpus)", fixed=fixed, wait_s=cfg.scaling.resource_wait_s)
+    result, fs, wall = fit(cfg, infos, steps, callbacks)
+    summary = summarize(cfg, infos, result, fs, wall, score_test)
+    storage.write_text(storage.join(run_dir(cfg), "summary.json"), json.dumps(summary, indent=1))
     return summary
