@@ -7,12 +7,20 @@ callable class and ``ActorPoolStrategy``; ``num_gpus`` per actor on GPU). Each
 actor encodes a prompt's text once and keeps it (an LRU cache), so a prompt with
 many images costs one text forward pass, not one per image.
 
-Output: one Parquet shard per input file, with the input columns less the image
-bytes plus ``score`` (float32), written atomically once every row of that file is
-back; rows that cannot be scored (undecodable image, empty prompt) go to
-``_rejects/<shard>`` with their reason instead. A shard's scores file is its
-commit point: a re-run skips the files that have one, so every ``generation_id``
-ends up scored exactly once, however often the job is killed.
+Output: one Parquet shard per input file (same relative path), with the input
+file's own columns and types less the image bytes plus ``score`` (float32), written
+atomically once every row of that file is back; rows that cannot be scored
+(undecodable or oversized image, unreadable URI, empty or oversized prompt, a
+corrupt Parquet page) go to ``_rejects/<shard>`` with their reason instead.
+
+What a re-run resumes: the folder's ``_scoring.json`` records the checkpoint (a
+content hash of its weights) and the settings that decide a score; another
+checkpoint or settings into the same ``out`` is refused (``overwrite=true``
+scores again). Each shard's record ``_shards/<shard>.json``, written last, is its
+commit point and records its input file's URI, size and modification time: a
+re-run skips a shard only when that record matches the input file as it is now,
+so every ``generation_id`` is scored exactly once, by the checkpoint the folder
+names, however often the job is killed.
 """
 
 from __future__ import annotations
@@ -28,12 +36,17 @@ from typing import Any
 import numpy as np
 
 from sr_ray import images, storage
-from sr_ray.data import DataError, parquet_inputs
+from sr_ray.config import ConfigError, to_dict
+from sr_ray.core import identity, parquet
+from sr_ray.core.errors import DataError
+from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
+from sr_ray.data import preprocessing, read_image_bytes
 
 log = logging.getLogger(__name__)
 
-REJECTS = "_rejects"
+REJECTS, SHARDS, MANIFEST = "_rejects", "_shards", "_scoring.json"
 ID, PROMPT, IMAGE, URI = "generation_id", "prompt", "image", "image_uri"
+READ = (ID, PROMPT, IMAGE, URI)  # the only input columns that go through Ray; the others are joined back
 
 
 @dataclass
@@ -43,6 +56,9 @@ class ScoreConfig:
     generations: str | None = None
     """Parquet file or folder of generations (local or s3://); none: the demo generations (drawn once, cached)."""
     out: str = "./runs/scores-demo"
+    overwrite: bool = False
+    """Score again into an out folder that holds another checkpoint's or other settings' scores (they are
+    deleted), or whose shard records name other input files."""
     backend: str = "torch"
     """torch (bf16 autocast + SDPA on GPU, fp32 on CPU) or deepspeed (deepspeed.init_inference)."""
     compile: bool = False
@@ -57,9 +73,8 @@ class ScoreConfig:
     """Images per scorer call."""
     decode_batch_size: int = 64
     block_rows: int = 128
-    """Rows per Ray Data block between the stages (streaming repartition after the read): how often the
-    driver hears back, so the granularity of progress lines and shard commits. The reader alone would put
-    many small files in one block, finishing all their shards at once."""
+    """Rows per Ray Data block between the stages: how often the driver hears back, so the granularity of
+    progress lines and shard commits."""
     decode_num_cpus: float = 0.5
     text_cache_size: int = 100_000
     """Prompt embeddings each actor keeps."""
@@ -67,10 +82,14 @@ class ScoreConfig:
     """Intra-op threads of each scorer actor on CPU; 0: Ray's default (the actor's whole CPUs, at least 1)."""
     max_reject_rate: float = 0.5
     """Fail the job when more than this share of the rows could not be scored (bad rows never crash it alone)."""
+    limits: InputLimits = field(default_factory=InputLimits)
+    """Largest image (pixels, bytes, aspect ratio), smallest side, longest prompt: beyond them a row is rejected."""
     image_root: str | None = None
     """Prefix of relative image_uri values."""
     s3_endpoint: str | None = None
     ray_address: str | None = None
+    resource_wait_s: float = 300.0
+    """On a cluster that may grow (joined, not started here): how long to wait for room for one scorer actor."""
     progress_every_s: float = 10.0
     demo: dict[str, Any] = field(default_factory=dict)
     """Demo generation set: prompts, images_per_prompt, image_size, seed, bad_rows, rows_per_file, cache_dir."""
@@ -88,84 +107,98 @@ class ScoreConfig:
 
 @dataclass
 class InputFile:
-    path: str       # the filesystem's own path (what Ray Data's include_paths reports)
-    rows: int
-    columns: list[str]
-    shard: str      # output shard name
+    file: parquet.ParquetFile
+    shard: str      # output shard name: the file's path relative to the generations root
+
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @property
+    def rows(self) -> int:
+        return self.file.rows
 
 
 def inspect_inputs(uri: str, endpoint: str | None) -> list[InputFile]:
-    """Every input file's rows and columns, checked before Ray does any work (names file and column)."""
-    out, seen = [], collections.Counter()
-    for f in parquet_inputs(uri, "generations", [ID, PROMPT], [IMAGE, URI], [IMAGE], endpoint,
-                            expected=f"expected {ID}, {PROMPT} and {IMAGE} (bytes) or {URI}"):
-        p, rows, cols = f.path, f.rows, f.schema.names
-        stem = posixpath.splitext(posixpath.basename(p))[0]
-        seen[stem] += 1
-        shard = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
-        out.append(InputFile(p, rows, cols, f"{shard}.parquet"))
+    """Every input file's rows, columns and types, checked before Ray does any work (names file and column)."""
+    files = parquet.inputs(uri, "generations", [ID, PROMPT], [IMAGE, URI],
+                           {IMAGE: "binary", URI: "string", PROMPT: "string", ID: "id"}, endpoint,
+                           expected=f"expected {ID}, {PROMPT} and {IMAGE} (bytes) or {URI}")
+    _, root = storage.resolve(uri, endpoint)
+    root = root.rstrip("/")
+    out = []
+    for f in files:
+        rel = posixpath.basename(f.path) if f.path == root else f.path[len(root):].lstrip("/")
+        out.append(InputFile(f, rel))
     return out
 
 
-def check_unique_ids(files: list[InputFile], endpoint: str | None, uri: str) -> None:
-    """Exactly-once needs unique ``generation_id``s: name the first duplicate and its files."""
+def check_rows(files: list[InputFile], endpoint: str | None, uri: str) -> None:
+    """Read every column but the image bytes of every file (a corrupt page there is named now, not after the
+    scoring); ``generation_id`` must be non-null and unique (exactly-once needs it): name file and row."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     fs, _ = storage.resolve(uri, endpoint)
-    where: dict[str, str] = {}
+    where: dict[Any, str] = {}
     for f in files:
-        with fs.open_input_file(f.path) as fh:
-            ids = pq.read_table(fh, columns=[ID]).column(ID).to_pylist()
-        for i in ids:
+        cols = [c for c in f.file.schema.names if c != IMAGE]
+        try:
+            with fs.open_input_file(f.path) as fh:
+                ids = pq.read_table(fh, columns=cols).column(ID)
+        except Exception as e:
+            raise DataError(f"generations: {f.file.uri} cannot be read (corrupt Parquet data outside the image "
+                            f"column: {type(e).__name__}: {e})") from None
+        if ids.null_count:
+            row = pc.index(pc.is_null(ids), True).as_py()
+            raise DataError(f"generations: {f.file.uri} row {row} has a null {ID} ({ids.null_count} such rows); "
+                            f"every generation needs an id for exactly-once scoring")
+        for i in ids.to_pylist():
             if i in where:
-                raise DataError(f"generations: generation_id {i!r} appears twice ({where[i]} and {f.path}); "
+                raise DataError(f"generations: {ID} {i!r} appears twice ({where[i]} and {f.file.uri}); "
                                 f"ids must be unique for exactly-once scoring")
-            where[i] = f.path
+            where[i] = f.file.uri
 
 
 class GenerationPreprocessor:
     """CPU stage: decode + the model's CLIP preprocessing; bad rows keep their place with ``reason`` set."""
 
-    def __init__(self, model_cfg: dict, endpoint: str | None, image_root: str | None):
-        self.model_json = json.dumps(model_cfg, sort_keys=True)
+    def __init__(self, model_cfg: dict, endpoint: str | None, image_root: str | None, limits: dict | None = None):
+        self.model_cfg = dict(model_cfg)
         self.endpoint, self.image_root = endpoint, image_root
+        self.limits = InputLimits(**(limits or {}))
 
     def _bytes(self, batch: dict, i: int) -> bytes:
-        from sr_ray.data import read_image_bytes
-
         if IMAGE in batch and batch[IMAGE][i] is not None:
             return bytes(batch[IMAGE][i])
         uri = batch[URI][i] if URI in batch else None
         if not uri:
             raise images.BadImage("no image bytes and no image_uri")
-        return read_image_bytes(str(uri), self.image_root, self.endpoint)
+        return read_image_bytes(uri, self.image_root, self.endpoint, self.limits)
+
+    def _reason(self, batch: dict, i: int) -> str:
+        unread = batch.get(parquet.ERROR_COL)
+        if unread is not None and unread[i]:
+            return str(unread[i])
+        return prompt_problem(batch[PROMPT][i], self.limits) or ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sr_ray.data import _prep_state
-
-        transform, _ = _prep_state(self.model_json)
+        transform, _, shape = preprocessing(self.model_cfg)
         n = len(batch[ID])
-        pixels, reasons = [None] * n, [""] * n
+        pixels, reasons = [None] * n, [self._reason(batch, i) for i in range(n)]
         for i in range(n):
-            prompt = batch[PROMPT][i]
-            if prompt is None or not str(prompt).strip():
-                reasons[i] = "empty prompt"
+            if reasons[i]:
                 continue
             try:
-                pixels[i] = transform(images.decode(self._bytes(batch, i))).numpy()
+                pixels[i] = transform(images.decode(self._bytes(batch, i), self.limits)).numpy()
             except images.BadImage as e:
                 reasons[i] = str(e)
-        shape = next((p.shape for p in pixels if p is not None), None)
-        if shape is None:
-            from sr_ray import model as model_lib
-
-            size = model_lib.preprocess_cfg(model_lib.ModelConfig(**json.loads(self.model_json)))["size"]
-            shape = (3, *(size if isinstance(size, (tuple, list)) else (size, size)))
         zeros = np.zeros(shape, np.float32)
-        out = {k: v for k, v in batch.items() if k != IMAGE}
-        out["pixels"] = np.stack([p if p is not None else zeros for p in pixels]).astype(np.float32)
-        out["reason"] = np.array(reasons, dtype=object)
-        return out
+        return {**{k: batch[k] for k in (ID, parquet.FILE_COL) if k in batch},
+                PROMPT: np.array([clean_prompt(p) if not r else "" for p, r in zip(batch[PROMPT], reasons)],
+                                 dtype=object),
+                "pixels": np.stack([p if p is not None else zeros for p in pixels]).astype(np.float32),
+                "reason": np.array(reasons, dtype=object)}
 
 
 class GenerationScorer:
@@ -245,7 +278,7 @@ class GenerationScorer:
                     pixels = torch.as_tensor(batch["pixels"][ok], device=self.device, dtype=self.dtype)
                     im = self.encode_image(pixels).float()
                 scores[ok] = RewardModel.score(t, im).float().cpu().numpy()
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", PROMPT)}
         out["score"] = scores
         out["texts_encoded"] = np.array([encoded] + [0] * (n - 1), dtype=np.int64)
         out["actor_ready_at"] = np.full(n, self.ready_at, dtype=np.float64)
@@ -254,51 +287,81 @@ class GenerationScorer:
 
 def checkpoint_model_config(checkpoint: str) -> dict:
     """The model config stored in a reward checkpoint (memory-mapped: the weights are not read)."""
-    import torch
+    from sr_ray.score import read_checkpoint
 
+    return dict(read_checkpoint(checkpoint, mmap=True)["model_config"])
+
+
+def scoring_identity(cfg: ScoreConfig, checkpoint: str) -> dict[str, Any]:
+    """What decides a score: the checkpoint's weights (content hash), the backend, the limits, the image root."""
     from sr_ray.score import model_file
 
-    try:
-        f = model_file(checkpoint)
-    except FileNotFoundError as e:
-        raise DataError(f"checkpoint={e}") from None
-    return dict(torch.load(f, map_location="cpu", weights_only=True, mmap=True)["model_config"])
+    return {"checkpoint_sha256": identity.content_hash(str(model_file(checkpoint))), "backend": cfg.backend,
+            "limits": to_dict(cfg.limits), "image_root": cfg.image_root}
 
 
-def _shard_counts(out: str, shard: str, endpoint: str | None) -> tuple[int, int]:
-    """(scored, rejected) rows of a finished shard, from the Parquet footers."""
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.resolve(out, endpoint)
-    n = []
-    for uri in (storage.join(out, shard), storage.join(out, REJECTS, shard)):
-        path = storage._path_in(uri, fs)
-        try:
-            with fs.open_input_file(path) as f:
-                n.append(pq.ParquetFile(f).metadata.num_rows)
-        except FileNotFoundError:
-            n.append(0)
-    return n[0], n[1]
+def check_out(cfg: ScoreConfig, gen_uri: str) -> None:
+    """``out`` is a folder (or new) and neither inside the generations nor holding them (its shards would be
+    read as generations, or the generations as scores)."""
+    storage.check_output_dir(cfg.out, "out", cfg.s3_endpoint)
+    _, out_path = storage.resolve(cfg.out, cfg.s3_endpoint)
+    _, gen_path = storage.resolve(gen_uri, cfg.s3_endpoint)
+    a, b = out_path.rstrip("/") + "/", gen_path.rstrip("/") + "/"
+    if storage.is_s3(cfg.out) == storage.is_s3(gen_uri) and (a.startswith(b) or b.startswith(a)):
+        raise ConfigError(f"out={storage.redact(cfg.out)} overlaps generations={storage.redact(gen_uri)}: "
+                          f"write the scores to a folder of their own")
 
 
-def _write_shard(cfg: ScoreConfig, f: InputFile, parts: list) -> tuple[int, int]:
-    """Rejects first, then the scores file (the shard's commit point); returns (scored, rejected)."""
+def shard_record(cfg: ScoreConfig, f: InputFile) -> str:
+    return storage.join(cfg.out, SHARDS, f.shard + ".json")
+
+
+def finished_shards(cfg: ScoreConfig, files: list[InputFile]) -> dict[str, dict]:
+    """{shard: its record} of the shards done from these very input files; a record naming another input (other
+    file, size or mtime) is refused unless ``overwrite`` (then that shard is scored again)."""
+    done = {}
+    for f in files:
+        rec = identity.read_record(shard_record(cfg, f), cfg.s3_endpoint)
+        if rec is None:
+            continue
+        if rec.get("input") == f.file.identity():
+            done[f.shard] = rec
+        elif not cfg.overwrite:
+            raise ConfigError(f"out={storage.redact(cfg.out)}: shard {f.shard} was scored from "
+                              f"{rec.get('input')} but the input now is {f.file.identity()}; choose another out, "
+                              f"or set overwrite=true to score it again")
+    return done
+
+
+def write_shard(cfg: ScoreConfig, f: InputFile, parts: list) -> dict[str, Any]:
+    """Join the scores back onto the input file's own rows and columns (less the image) and commit: rejects,
+    then scores, then the shard record (the commit point). Returns the record."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    table = pa.concat_tables(parts, promote_options="permissive").sort_by(ID)
-    bad = pc.not_equal(table["reason"], "")
-    rejects = table.filter(bad).select([ID, PROMPT, "reason"])
-    keep = [c for c in table.column_names if c not in ("reason", "texts_encoded", "actor_ready_at", "path", "pixels")]
-    scored = table.filter(pc.invert(bad)).select(keep)
-    scored = scored.set_column(scored.column_names.index("score"), "score", scored["score"].cast(pa.float32()))
+    fs, _ = storage.resolve(f.file.uri, cfg.s3_endpoint)
+    with fs.open_input_file(f.path) as fh:
+        table = pq.read_table(fh, columns=[c for c in f.file.schema.names if c != IMAGE])
+    ids = table.column(ID)
+    got = pa.concat_tables(parts) if parts else pa.table({ID: pa.array([], ids.type), "score": pa.array([], pa.float32()),
+                                                          "reason": pa.array([], pa.string())})
+    idx = pc.index_in(ids, value_set=got.column(ID).cast(ids.type))
+    if idx.null_count or len(got) != len(table):
+        raise RuntimeError(f"{f.file.uri}: {len(got)} rows came back for {len(table)} input rows")
+    reason = got.column("reason").take(idx).cast(pa.string())
+    bad = pc.not_equal(reason, "")
+    rejects = pa.table({ID: ids, PROMPT: table.column(PROMPT), "reason": reason}).filter(bad)
+    scored = table.append_column("score", got.column("score").take(idx).cast(pa.float32())).filter(pc.invert(bad))
     storage.write_parquet(rejects, storage.join(cfg.out, REJECTS, f.shard), cfg.s3_endpoint)
     storage.write_parquet(scored, storage.join(cfg.out, f.shard), cfg.s3_endpoint)
-    return len(scored), len(rejects)
+    record = {"input": f.file.identity(), "rows": len(table), "scored": len(scored), "rejected": len(rejects)}
+    identity.write_record(shard_record(cfg, f), record, cfg.s3_endpoint)
+    return record
 
 
-def build_pipeline(cfg: ScoreConfig, paths: list[str], gen_uri: str, model_cfg: dict, checkpoint: str):
-    """read -> blocks of block_rows -> decode + preprocess (CPU tasks) -> scorer actor pool.
+def build_pipeline(cfg: ScoreConfig, files: list[InputFile], model_cfg: dict, checkpoint: str):
+    """row groups (blocks of block_rows) -> decode + preprocess (CPU tasks) -> scorer actor pool.
 
     Ray Data fuses the decode stage into the scorer actors when both ask for the
     same resources (on CPU: it saves moving float pixels through the object
@@ -306,11 +369,10 @@ def build_pipeline(cfg: ScoreConfig, paths: list[str], gen_uri: str, model_cfg: 
     """
     import ray.data
 
-    fs, _ = storage.resolve(gen_uri, cfg.s3_endpoint)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-    ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)  # streaming: no all-to-all shuffle
-    ds = ds.map_batches(GenerationPreprocessor(model_cfg, cfg.s3_endpoint, cfg.image_root), batch_format="numpy",
-                        batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
+    ds = parquet.read([f.file for f in files], READ, "generations", cfg.s3_endpoint, key_columns=[ID, PROMPT],
+                      max_rows_per_block=cfg.block_rows, num_cpus=cfg.decode_num_cpus)
+    ds = ds.map_batches(GenerationPreprocessor(model_cfg, cfg.s3_endpoint, cfg.image_root, to_dict(cfg.limits)),
+                        batch_format="numpy", batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
     return ds.map_batches(
         GenerationScorer, batch_format="numpy", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"checkpoint": checkpoint, "backend": cfg.backend, "compile": cfg.compile,
@@ -319,84 +381,118 @@ def build_pipeline(cfg: ScoreConfig, paths: list[str], gen_uri: str, model_cfg: 
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0)
 
 
+class _Progress:
+    """Rows back, per file; commits a shard when its last row is back; logs rate and ETA every few seconds."""
+
+    def __init__(self, cfg: ScoreConfig, todo: list[InputFile]):
+        self.cfg, self.by_uri = cfg, {f.file.uri: f for f in todo}
+        self.parts: dict[str, list] = collections.defaultdict(list)
+        self.got: collections.Counter = collections.Counter()
+        self.total, self.rows, self.rejected, self.encoded = sum(f.rows for f in todo), 0, 0, 0
+        self.records: dict[str, dict] = {}
+        self.first_ready: float | None = None
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, batch) -> None:
+        import pyarrow.compute as pc
+
+        ready = pc.min(batch["actor_ready_at"]).as_py()  # start-up ends when the first actor has its model
+        self.first_ready = ready if self.first_ready is None else min(self.first_ready, ready)
+        self.encoded += int(pc.sum(batch["texts_encoded"]).as_py() or 0)
+        for uri in batch[parquet.FILE_COL].unique().to_pylist():
+            part = batch.filter(pc.equal(batch[parquet.FILE_COL], uri)).select([ID, "score", "reason"])
+            f = self.by_uri.get(uri)
+            if f is None:
+                raise RuntimeError(f"Ray Data returned rows of {uri}, which is not an input file")
+            self.parts[uri].append(part)
+            self.got[uri] += len(part)
+            self.rows += len(part)
+            if self.got[uri] == f.rows:
+                rec = write_shard(self.cfg, f, self.parts.pop(uri))
+                self.records[f.shard] = rec
+                self.rejected += rec["rejected"]
+        self.log()
+
+    def log(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.cfg.progress_every_s:
+            return
+        self.last = now
+        rate = self.rows / (now - self.t0)
+        log.info("[score] %d/%d rows (%.0f%%)  %.1f images/s  rejected %d  eta %.0fs", self.rows, self.total,
+                 100 * self.rows / max(self.total, 1), rate, self.rejected, (self.total - self.rows) / max(rate, 1e-9))
+
+
+def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict, checkpoint: str) -> _Progress:
+    """Score the files in ``todo`` on Ray; empty files are committed without it."""
+    from sr_ray.ray_utils import check_resources, init_ray
+
+    prog = _Progress(cfg, todo)
+    for f in [f for f in todo if f.rows == 0]:
+        prog.records[f.shard] = write_shard(cfg, f, [])
+    todo = [f for f in todo if f.rows]
+    if not todo:
+        return prog
+    started = init_ray(cfg.ray_address)
+    check_resources([{"CPU": cfg.cpus_per_actor, **({"GPU": cfg.gpus_per_actor} if cfg.use_gpu else {})},
+                     {"CPU": cfg.decode_num_cpus}], "one scorer actor (cpus_per_actor, gpus_per_actor) and a "
+                    "decode task (decode_num_cpus)", fixed=started, wait_s=cfg.resource_wait_s)
+    ds = build_pipeline(cfg, todo, model_cfg, checkpoint)
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            prog.add(batch)
+    except Exception as e:
+        err = parquet.data_error_of(e)
+        if err is not None:
+            raise err from None
+        raise
+    short = {u: (prog.got[u], prog.by_uri[u].rows) for u in prog.parts}
+    if short:
+        raise RuntimeError(f"rows missing from the scoring output (got, expected): {short}")
+    return prog
+
+
 def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every generation once (resuming a killed run); returns the JSON summary."""
-    import pyarrow.compute as pc
-
-    from sr_ray.ray_utils import init_ray
-
     t0 = time.perf_counter()
-    endpoint = cfg.s3_endpoint
     if cfg.generations is None:
         from sr_ray.demo import ensure_demo_generations
 
         gen_uri = ensure_demo_generations(cfg.demo)
     else:
         gen_uri = cfg.generations
-    files = inspect_inputs(gen_uri, endpoint)
-    check_unique_ids(files, endpoint, gen_uri)
+    check_out(cfg, gen_uri)
+    files = inspect_inputs(gen_uri, cfg.s3_endpoint)
+    check_rows(files, cfg.s3_endpoint, gen_uri)
     checkpoint = cfg.checkpoint or demo_checkpoint()
     model_cfg = checkpoint_model_config(checkpoint)
-    total = sum(f.rows for f in files)
-    present = storage.data_file_names(cfg.out, endpoint)
-    finished = {f.shard for f in files if f.shard in present}
-    todo = [f for f in files if f.shard not in finished]
-    scored = rejected = 0
-    for shard in finished:
-        s, r = _shard_counts(cfg.out, shard, endpoint)
-        scored, rejected = scored + s, rejected + r
-    log.info("[score] %d generations in %d file(s) under %s; %d shard(s) already scored in %s", total, len(files),
-             gen_uri, len(finished), cfg.out)
-    encoded = done_rows = 0
-    first = None
+    identity.claim(cfg.out, MANIFEST, scoring_identity(cfg, checkpoint), f"out={storage.redact(cfg.out)}",
+                   "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
+    done = finished_shards(cfg, files)
+    todo = [f for f in files if f.shard not in done]
+    log.info("[score] %d generations in %d file(s) under %s; %d shard(s) already scored in %s",
+             sum(f.rows for f in files), len(files), storage.redact(gen_uri), len(done), storage.redact(cfg.out))
     t_run, t_run_wall = time.perf_counter(), time.time()
-    if todo:
-        init_ray(cfg.ray_address)
-        ds = build_pipeline(cfg, [f.path for f in todo], gen_uri, model_cfg, checkpoint)
-        by_path = {f.path: f for f in todo}
-        parts: dict[str, list] = collections.defaultdict(list)
-        got: collections.Counter = collections.Counter()
-        todo_rows = sum(f.rows for f in todo)
-        last = time.perf_counter()
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            ready = pc.min(batch["actor_ready_at"]).as_py()  # start-up ends when the first actor has its model
-            first = ready if first is None else min(first, ready)
-            encoded += int(pc.sum(batch["texts_encoded"]).as_py() or 0)
-            for path in batch["path"].unique().to_pylist():
-                part = batch.filter(pc.equal(batch["path"], path))
-                f = by_path.get(path)
-                if f is None:
-                    raise RuntimeError(f"Ray Data returned rows of {path}, which is not an input file")
-                parts[path].append(part)
-                got[path] += len(part)
-                done_rows += len(part)
-                if got[path] == f.rows:
-                    s, r = _write_shard(cfg, f, parts.pop(path))
-                    scored, rejected = scored + s, rejected + r
-            now = time.perf_counter()
-            if now - last >= cfg.progress_every_s:
-                last = now
-                rate = done_rows / (now - t_run)
-                log.info("[score] %d/%d rows (%.0f%%)  %.1f images/s  rejected %d  eta %.0fs", done_rows, todo_rows,
-                         100 * done_rows / todo_rows, rate, rejected, (todo_rows - done_rows) / max(rate, 1e-9))
-        short = {p: (got[p], by_path[p].rows) for p in parts}
-        if short:
-            raise RuntimeError(f"rows missing from the scoring output (got, expected): {short}")
-    t_end = time.perf_counter()
-    run_s = t_end - t_run
-    steady = done_rows / (time.time() - first) if first else None
+    prog = _run(cfg, todo, model_cfg, checkpoint)
+    records = {**done, **prog.records}
+    scored = sum(r["scored"] for r in records.values())
+    rejected = sum(r["rejected"] for r in records.values())
+    run_s = time.perf_counter() - t_run
+    first = prog.first_ready
+    steady = prog.rows / (time.time() - first) if first else None
     rows = scored + rejected
-    summary = {"rows": rows, "scored": scored, "rejected": rejected, "prompts_encoded": encoded,
-               "images_per_s": round(done_rows / run_s, 2) if done_rows else None,
+    summary = {"rows": rows, "scored": scored, "rejected": rejected, "prompts_encoded": prog.encoded,
+               "images_per_s": round(prog.rows / run_s, 2) if prog.rows else None,
                "startup_s": round(first - t_run_wall, 1) if first else None,
                "steady_images_per_s": round(steady, 2) if steady else None,
-               "shards": len(files), "shards_skipped": len(finished), "backend": cfg.backend,
-               "checkpoint": checkpoint, "generations": gen_uri, "output": cfg.out,
-               "rejects": storage.join(cfg.out, REJECTS), "wall_s": round(time.perf_counter() - t0, 1)}
+               "shards": len(files), "shards_skipped": len(done), "backend": cfg.backend,
+               "checkpoint": storage.redact(checkpoint), "generations": storage.redact(gen_uri),
+               "output": storage.redact(cfg.out), "rejects": storage.redact(storage.join(cfg.out, REJECTS)),
+               "wall_s": round(time.perf_counter() - t0, 1)}
     if rows and rejected / rows > cfg.max_reject_rate:
         raise DataError(f"{rejected} of {rows} generations ({rejected / rows:.1%}) could not be scored, more than "
                         f"max_reject_rate={cfg.max_reject_rate}; reasons in {summary['rejects']}")
-    storage.write_text(storage.join(cfg.out, "_summary.json"), json.dumps(summary, indent=1), endpoint)
+    storage.write_text(storage.join(cfg.out, "_summary.json"), json.dumps(summary, indent=1), cfg.s3_endpoint)
     return summary
 
 
