@@ -50,12 +50,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from sr_ray import images, storage
 from sr_ray.community import CommunityConfig
 from sr_ray.config import to_dict
-from sr_ray.data import DataError
+from sr_ray.core import identity, parquet
+from sr_ray.core.errors import DataError
+from sr_ray.core.limits import InputLimits
 from sr_ray.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ class CurateConfig:
     batch_rows: int = 65_536
     """Log rows per map_batches call in the streaming passes."""
     overwrite: bool = False
-    """Allow an out folder curated with other rules (its shards are replaced)."""
+    """Curate into an out folder that holds triplets of other rules or another log (it is emptied first)."""
+    limits: InputLimits = field(default_factory=InputLimits)
+    """Largest image (pixels, bytes, aspect ratio) and longest prompt: rows beyond them are dropped and counted."""
     ray_address: str | None = None
     """Ray cluster to join (default: RAY_ADDRESS, else a new local one)."""
     community: CommunityConfig = field(default_factory=CommunityConfig)
@@ -126,7 +129,8 @@ class CurateConfig:
 
 RULE_KEYS = ("top_fraction", "min_remixes", "threshold_quantile", "nsfw_max", "nsfw_classifier",
              "max_pairs_per_prompt", "seed", "split_ratios", "pack", "rows_per_shard",
-             "min_image_side", "max_image_side")
+             "min_image_side", "max_image_side", "limits")
+IDENTITY_FILE = "_curation.json"
 
 
 def rules_of(cfg: CurateConfig) -> dict[str, Any]:
@@ -198,45 +202,42 @@ def _kind_ok(t: pa.DataType, kind: str) -> bool:
             "floating": pa.types.is_floating(t) or pa.types.is_integer(t)}[kind]
 
 
-def check_log(uri: str, endpoint: str | None) -> tuple[list[str], bool]:
+def check_log(uri: str, endpoint: str | None) -> tuple[list[parquet.ParquetFile], bool]:
     """(log files, has nsfw_score) after checking every file's schema; DataError names file and columns."""
-    try:
-        files = storage.list_files(uri, endpoint=endpoint)
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"platform log {uri!r}: cannot list it ({e})") from None
-    if not files:
-        raise DataError(f"platform log {uri!r}: no .parquet files found")
-    fs, _ = storage.resolve(uri, endpoint)
-
-    def schema(f):
-        try:
-            return pq.read_schema(f, filesystem=fs)
-        except Exception as e:
-            raise DataError(f"platform log file {f}: not readable as Parquet ({e})") from None
-
-    with ThreadPoolExecutor(16) as ex:
-        schemas = list(ex.map(schema, files))
+    files = parquet.inspect_files(uri, "log", endpoint)
     has_nsfw = True
-    for f, s in zip(files, schemas):
+    for f in files:
+        s = f.schema
         missing = [c for c, (_, req) in LOG_COLUMNS.items() if req and c not in s.names]
         wrong = [f"{c} is {s.field(c).type}, expected {kind}" for c, (kind, _) in LOG_COLUMNS.items()
                  if c in s.names and not _kind_ok(s.field(c).type, kind)]
         if missing or wrong:
             parts = ([f"missing column(s) {missing}"] if missing else []) + ([f"wrong type(s): {'; '.join(wrong)}"]
                                                                             if wrong else [])
-            raise DataError(f"platform log file {f}: {', '.join(parts)} (contract: {list(LOG_COLUMNS)})")
+            raise DataError(f"platform log file {f.uri}: {', '.join(parts)} (contract: {list(LOG_COLUMNS)})")
         has_nsfw &= "nsfw_score" in s.names
-    return [f"s3://{f}" if storage.is_s3(uri) else f for f in files], has_nsfw
+    return files, has_nsfw
 
 
 # ---------------------------------------------------------------- Ray Data passes (batch functions)
 
 
-def _keep_mask(t: pa.Table, nsfw_max: float, has_nsfw: bool) -> np.ndarray:
+def _nsfw_ok(t: pa.Table, nsfw_max: float, has_nsfw: bool) -> np.ndarray:
     if not has_nsfw:
         return np.ones(t.num_rows, bool)
     s = t.column("nsfw_score").to_numpy(zero_copy_only=False)
     return ~(np.nan_to_num(s.astype(np.float64), nan=0.0) >= nsfw_max)
+
+
+def _prompt_ok(t: pa.Table, max_chars: int) -> np.ndarray:
+    """A prompt that is there, not blank, and at most ``max_chars`` long (the others' rows are dropped, counted)."""
+    p = t.column("prompt")
+    ok = pc.and_(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(p)), 0), pc.less_equal(pc.utf8_length(p), max_chars))
+    return pc.fill_null(ok, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _keep_mask(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int) -> np.ndarray:
+    return _nsfw_ok(t, nsfw_max, has_nsfw) & _prompt_ok(t, max_prompt_chars)
 
 
 def _ints(t: pa.Table, col: str, fill: int = 0) -> np.ndarray:
@@ -247,9 +248,10 @@ def _bools(t: pa.Table, col: str) -> np.ndarray:
     return pc.fill_null(t.column(col), False).to_numpy(zero_copy_only=False).astype(bool)
 
 
-def _pass1(t: pa.Table, nsfw_max: float, has_nsfw: bool) -> pa.Table:
+def _pass1(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int) -> pa.Table:
     """Per batch: counts, histograms, and per-prompt partial aggregates (hash, images, max remix, any influencer)."""
-    keep = _keep_mask(t, nsfw_max, has_nsfw)
+    prompt_ok = _prompt_ok(t, max_prompt_chars)
+    keep = _nsfw_ok(t, nsfw_max, has_nsfw) & prompt_ok
     remix = _ints(t, "remix_count")[keep]
     views = _ints(t, "views")[keep]
     infl = _bools(t, "influencer_remix")[keep]
@@ -261,7 +263,8 @@ def _pass1(t: pa.Table, nsfw_max: float, has_nsfw: bool) -> pa.Table:
     np.maximum.at(mx, inv, remix)
     anyi = np.bincount(inv, weights=infl, minlength=len(u)) > 0
     return pa.table({
-        "rows": [int(t.num_rows)], "nsfw_removed": [int((~keep).sum())],
+        "rows": [int(t.num_rows)], "nsfw_removed": [int((prompt_ok & ~keep).sum())],
+        "bad_prompts": [int((~prompt_ok).sum())],
         "remix_values": [rv], "remix_counts": [rc],
         "views_hist": [np.histogram(views, VIEW_BINS)[0]],
         "zero_remix_views_hist": [np.histogram(views[remix == 0], VIEW_BINS)[0]],
@@ -274,11 +277,11 @@ def _in_set(t: pa.Table, keys: np.ndarray) -> np.ndarray:
     return np.isin(ph, keys, assume_unique=False), ph
 
 
-def _pass2(t: pa.Table, nsfw_max: float, has_nsfw: bool, pos_keys) -> pa.Table:
+def _pass2(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int, pos_keys) -> pa.Table:
     """Per batch: value counts of views_before_first_remix over remixed images of positive prompts."""
     keys = pos_keys if isinstance(pos_keys, np.ndarray) else _get(pos_keys)
     inp, _ = _in_set(t, keys)
-    m = _keep_mask(t, nsfw_max, has_nsfw) & inp & (_ints(t, "remix_count") >= 1)
+    m = _keep_mask(t, nsfw_max, has_nsfw, max_prompt_chars) & inp & (_ints(t, "remix_count") >= 1)
     v = _ints(t, "views_before_first_remix", -1)[m]
     v = v[v >= 0]
     vv, vc = np.unique(v, return_counts=True)
@@ -291,7 +294,8 @@ def _get(ref):
     return ray.get(ref)
 
 
-def _pass3(t: pa.Table, nsfw_max: float, has_nsfw: bool, pos_keys, cutoff: int, threshold: float) -> pa.Table:
+def _pass3(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int, pos_keys, cutoff: int,
+           threshold: float) -> pa.Table:
     """Rows that are positives or negatives of positive prompts, labelled; everything else dropped."""
     keys = pos_keys if isinstance(pos_keys, np.ndarray) else _get(pos_keys)
     inp, ph = _in_set(t, keys)
@@ -300,7 +304,7 @@ def _pass3(t: pa.Table, nsfw_max: float, has_nsfw: bool, pos_keys, cutoff: int, 
     creator = _bools(t, "influencer_remix")
     is_pos = content | creator
     is_neg = ~is_pos & (remix == 0) & (_ints(t, "views") >= threshold)
-    m = _keep_mask(t, nsfw_max, has_nsfw) & inp & (is_pos | is_neg)
+    m = _keep_mask(t, nsfw_max, has_nsfw, max_prompt_chars) & inp & (is_pos | is_neg)
     return pa.table({
         "ph": ph[m], "prompt": t.column("prompt").filter(pa.array(m)),
         "image_id": t.column("image_id").filter(pa.array(m)), "image_uri": t.column("image_uri").filter(pa.array(m)),
@@ -312,17 +316,25 @@ def _prompt_groups(t: pa.Table, seed: int, cap: int, ratios: list[float]) -> pa.
     """One prompt's candidates -> one row: its split, counts and the (capped) pairs as lists."""
     d = t.to_pydict()
     prompt = d["prompt"][0]
-    pos = [(i, u) for i, u, p in zip(d["image_id"], d["image_uri"], d["is_pos"]) if p]
-    neg = [(i, u) for i, u, p in zip(d["image_id"], d["image_uri"], d["is_pos"]) if not p]
+    # an image_id listed twice (a log written twice, a join gone wrong) counts once: as a positive if either
+    # row says so, with the smallest URI; the extra rows are counted (deterministic whatever the row order)
+    rows = sorted(zip(d["image_id"], [not p for p in d["is_pos"]], d["image_uri"], range(t.num_rows)))
+    first = {}
+    for i, not_pos, u, k in rows:
+        first.setdefault(i, (u, not not_pos, k))
+    dups = t.num_rows - len(first)
+    pos = [(i, u) for i, (u, p, _) in sorted(first.items()) if p]
+    neg = [(i, u) for i, (u, p, _) in sorted(first.items()) if not p]
+    kept = [k for _, (_, _, k) in first.items()]
     pairs = [(pair_rank(seed, a[0], b[0]), a, b) for a in pos for b in neg]
     if cap and len(pairs) > cap:
         pairs = sorted(pairs)[:cap]
     return pa.table({
         "ph": [d["ph"][0]], "prompt": [prompt], "split": [split_of(normalize_prompt(prompt), ratios)],
         "n_pos": [len(pos)], "n_neg": [len(neg)],
-        "n_content": [sum(c and not k for c, k, p in zip(d["content"], d["creator"], d["is_pos"]) if p)],
-        "n_creator": [sum(k and not c for c, k, p in zip(d["content"], d["creator"], d["is_pos"]) if p)],
-        "n_both": [sum(c and k for c, k in zip(d["content"], d["creator"]))],
+        "n_content": [sum(d["content"][j] and not d["creator"][j] for j in kept if d["is_pos"][j])],
+        "n_creator": [sum(d["creator"][j] and not d["content"][j] for j in kept if d["is_pos"][j])],
+        "n_both": [sum(d["content"][j] and d["creator"][j] for j in kept)], "n_duplicates": [dups],
         "pairs_before_cap": [len(pos) * len(neg)], "n_pairs": [len(pairs)],
         "n_used_images": [len({a[1] for _, a, _ in pairs} | {b[1] for _, _, b in pairs})],
         "pair_rank": [[r for r, _, _ in pairs]],
@@ -330,7 +342,8 @@ def _prompt_groups(t: pa.Table, seed: int, cap: int, ratios: list[float]) -> pa.
         "neg_id": [[b[0] for _, _, b in pairs]], "neg_uri": [[b[1] for _, _, b in pairs]],
     }, schema=pa.schema([("ph", pa.uint64()), ("prompt", pa.string()), ("split", pa.string()),
                          ("n_pos", pa.int64()), ("n_neg", pa.int64()), ("n_content", pa.int64()),
-                         ("n_creator", pa.int64()), ("n_both", pa.int64()), ("pairs_before_cap", pa.int64()),
+                         ("n_creator", pa.int64()), ("n_both", pa.int64()), ("n_duplicates", pa.int64()),
+                         ("pairs_before_cap", pa.int64()),
                          ("n_pairs", pa.int64()), ("n_used_images", pa.int64()), ("pair_rank", pa.list_(pa.uint64())),
                          ("pos_id", pa.list_(pa.string())), ("pos_uri", pa.list_(pa.string())),
                          ("neg_id", pa.list_(pa.string())), ("neg_uri", pa.list_(pa.string()))]))
@@ -362,9 +375,9 @@ def _explode(t: pa.Table, n_shards: dict[str, int]) -> pa.Table:
         ("shard_key", pa.int64())]))
 
 
-def check_image(data: bytes, min_side: int, max_side: int) -> None:
-    """Raise BadImage unless ``data`` decodes and both sides are within [min_side, max_side]."""
-    img = images.decode(data)
+def check_image(data: bytes, min_side: int, max_side: int, limits: InputLimits | None = None) -> None:
+    """Raise BadImage unless ``data`` decodes within ``limits`` and both sides are within [min_side, max_side]."""
+    img = images.decode(data, limits or InputLimits())
     if min(img.size) < min_side or max(img.size) > max_side:
         raise images.BadImage(f"size {img.width}x{img.height} outside [{min_side}, {max_side}]")
 
@@ -393,16 +406,23 @@ def _pack_shard(t: pa.Table, out: str, cfg_d: dict) -> pa.Table:
     uris = sorted(set(d["pos_uri"]) | set(d["neg_uri"]))
     bad: dict[str, str] = {}
     data: dict[str, bytes] = {}
-    fs, _ = storage.resolve(uris[0], endpoint)
+    limits = InputLimits(**cfg_d["limits"])
+    filesystems: dict[bool, Any] = {}
 
     def fetch(u):
         try:
-            b = storage.read_bytes(u, fs=fs)
-            check_image(b, cfg_d["min_image_side"], cfg_d["max_image_side"])
+            if not u or not (storage.is_s3(u) or u.startswith("/") or "://" in u):
+                raise images.BadImage(f"image_uri {u!r} is not absolute (a local path from / or s3://)")
+            if "://" in u and not storage.is_s3(u):
+                storage.resolve(u, endpoint)  # raises ValueError naming the scheme (https://, gs://)
+            if storage.is_s3(u) not in filesystems:
+                filesystems[storage.is_s3(u)] = storage.resolve(u, endpoint)[0]
+            b = storage.read_bytes(u, fs=filesystems[storage.is_s3(u)])
+            check_image(b, cfg_d["min_image_side"], cfg_d["max_image_side"], limits)
             return u, b, None
         except images.BadImage as e:
             return u, None, str(e)
-        except (OSError, FileNotFoundError) as e:
+        except (OSError, ValueError) as e:  # missing, no permission, a scheme sr-ray cannot read (https://)
             return u, None, f"unreadable: {type(e).__name__}: {e}"
 
     if cfg_d["pack"]:  # the authors' form stores URIs only: nothing is fetched (training validates)
@@ -452,28 +472,12 @@ def demo_paths(cfg: CurateConfig) -> tuple[str, str]:
             storage.join(root, f"community-{config_hash(c)}", f"triplets-{config_hash(rules)}"))
 
 
-def _check_out(cfg: CurateConfig, out: str) -> None:
-    """An out folder keeps the rules it was curated with; other rules there need ``overwrite``."""
-    endpoint = cfg.s3_endpoint
-    marker = storage.join(out, "curate_config.json")
-    rules = rules_of(cfg)
-    if storage.exists(marker, endpoint):
-        old = json.loads(storage.read_bytes(marker, endpoint)).get("rules")
-        if old != rules:
-            if not cfg.overwrite:
-                diff = sorted(k for k in rules if old is None or old.get(k) != rules[k])
-                raise DataError(f"out {out!r} was curated with other rules (differs in {diff}); "
-                                "choose another out or set overwrite=true")
-            fs, path = storage.resolve(out, endpoint)
-            for sub in ("_shards", *SPLITS):
-                try:
-                    fs.delete_dir(storage.join(path, sub) if not storage.is_s3(out) else f"{path}/{sub}")
-                except (FileNotFoundError, OSError):
-                    pass
-    storage.write_text(marker, json.dumps({"rules": rules, "config": to_dict(cfg)}, indent=1), endpoint)
+def curation_identity(cfg: CurateConfig, files: list[parquet.ParquetFile]) -> dict[str, Any]:
+    """What decides an out folder's content: the rules and the log (every file's URI, size and mtime)."""
+    return {"rules": rules_of(cfg), "log": [f.identity() for f in files]}
 
 
-def _score_nsfw(cfg: CurateConfig, files: list[str], out: str, fs) -> list[str]:
+def _score_nsfw(cfg: CurateConfig, files: list[parquet.ParquetFile], out: str) -> list[parquet.ParquetFile]:
     """Run the plugged-in NSFW classifier over the log's images; returns the files of the scored log."""
     import ray.data
 
@@ -481,27 +485,20 @@ def _score_nsfw(cfg: CurateConfig, files: list[str], out: str, fs) -> list[str]:
 
     scored = storage.join(out, "_scored_log")
     if not storage.exists(storage.join(scored, "_SUCCESS"), cfg.s3_endpoint):
-        ds = ray.data.read_parquet(files, filesystem=fs)
+        ds = parquet.read(files, list(files[0].schema.names), "platform log", cfg.s3_endpoint, on_error="raise")
+        ds = ds.drop_columns([parquet.FILE_COL, parquet.ERROR_COL])
         ds = ds.map_batches(NSFWScorer, fn_constructor_kwargs={"spec": cfg.nsfw_classifier,
                                                                "endpoint": cfg.s3_endpoint},
                             batch_format="pyarrow", batch_size=256,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4))
-        ds.write_parquet(scored, filesystem=fs if storage.is_s3(out) else None)
+        fs, path = storage.resolve(scored, cfg.s3_endpoint)
+        ds.write_parquet(path if storage.is_s3(out) else scored, filesystem=fs if storage.is_s3(out) else None)
         storage.write_text(storage.join(scored, "_SUCCESS"), "", cfg.s3_endpoint)
-    return [f"s3://{f}" if storage.is_s3(out) else f
-            for f in storage.list_files(scored, endpoint=cfg.s3_endpoint)]
+    return parquet.inspect_files(scored, "scored platform log", cfg.s3_endpoint)
 
 
-def curate(cfg: CurateConfig) -> dict[str, Any]:
-    """Run the curation (see the module docstring); returns the summary (also in ``datacard.json``)."""
-    import ray
-    import ray.data
-
-    from sr_ray.community import simulate
-    from sr_ray.datacard import write_datacard
-
-    wall0 = time.perf_counter()
-    endpoint = cfg.s3_endpoint
+def _inputs(cfg: CurateConfig) -> tuple[str, str, list[parquet.ParquetFile] | None, bool]:
+    """(log URI, out URI, log files (None for a demo still to simulate), has nsfw_score), checked before Ray."""
     log_uri, out = cfg.log, cfg.out
     if log_uri is None:
         community_dir, demo_out = demo_paths(cfg)
@@ -509,157 +506,220 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
         log_uri = storage.join(community_dir, "log")
     if out is None:
         raise DataError("out= is required when log= is given (a local folder or s3://bucket/prefix)")
+    storage.check_output_dir(out, "out", cfg.s3_endpoint)
+    if cfg.log is None:
+        return log_uri, out, None, False
+    files, has_nsfw = check_log(log_uri, cfg.s3_endpoint)  # before Ray starts: bad input fails fast
+    return log_uri, out, files, has_nsfw
+
+
+def _cached_demo(cfg: CurateConfig, out: str) -> dict[str, Any] | None:
     card = storage.join(out, "datacard.json")
-    if cfg.log is None and storage.exists(card, endpoint):  # the demo community, already curated
-        done = json.loads(storage.read_bytes(card, endpoint))
+    if cfg.log is None and storage.exists(card, cfg.s3_endpoint):  # the demo community, already curated
+        done = json.loads(storage.read_bytes(card, cfg.s3_endpoint))
         if {k: done["config"].get(k) for k in RULE_KEYS} == rules_of(cfg):
             log.info("[curate] demo triplets cached in %s", out)
             return done
-    if cfg.log is not None:
-        files, has_nsfw = check_log(log_uri, endpoint)  # before Ray starts: bad input fails fast
-    init_ray(cfg.ray_address)
-    if cfg.log is None:
-        t = time.perf_counter()
-        simulate(cfg.community, community_dir, endpoint)
-        files, has_nsfw = check_log(log_uri, endpoint)
-        _progress("simulate community", t, images=cfg.community.images)
-    _check_out(cfg, out)
-    fs, _ = storage.resolve(log_uri, endpoint)
-    if cfg.nsfw_classifier:
-        t = time.perf_counter()
-        files, has_nsfw = _score_nsfw(cfg, files, out, fs), True
-        _progress("nsfw classifier", t)
+    return None
 
-    cols = [c for c in LOG_COLUMNS if c != "nsfw_score" or has_nsfw]
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols)
-    common = {"nsfw_max": cfg.nsfw_max, "has_nsfw": has_nsfw}
 
-    # pass 1: histograms + per-prompt partial aggregates
-    t = time.perf_counter()
-    rows = nsfw_removed = 0
-    remix_parts, views_hist, zero_hist, agg = [], np.zeros(len(VIEW_BINS) - 1, np.int64), None, []
-    zero_hist = np.zeros_like(views_hist)
+def _pass1_all(ds, cfg: CurateConfig, common: dict, log_uri: str) -> dict[str, Any]:
+    """Pass 1 over the log: counts, histograms, per-prompt aggregates merged on the driver."""
+    p: dict[str, Any] = {"rows": 0, "nsfw_removed": 0, "bad_prompts": 0,
+                         "views_hist": np.zeros(len(VIEW_BINS) - 1, np.int64)}
+    p["zero_hist"] = np.zeros_like(p["views_hist"])
+    remix_parts, agg = [], []
     for b in ds.map_batches(_pass1, fn_kwargs=common, batch_format="pyarrow",
                             batch_size=cfg.batch_rows).iter_batches(batch_format="pyarrow", batch_size=None):
         for r in b.to_pylist():
-            rows += r["rows"]
-            nsfw_removed += r["nsfw_removed"]
+            for k in ("rows", "nsfw_removed", "bad_prompts"):
+                p[k] += r[k]
             remix_parts.append((np.asarray(r["remix_values"], np.int64), np.asarray(r["remix_counts"], np.int64)))
-            views_hist += np.asarray(r["views_hist"], np.int64)
-            zero_hist += np.asarray(r["zero_remix_views_hist"], np.int64)
+            p["views_hist"] += np.asarray(r["views_hist"], np.int64)
+            p["zero_hist"] += np.asarray(r["zero_remix_views_hist"], np.int64)
             agg.append((np.asarray(r["ph"], np.uint64), np.asarray(r["n_images"], np.int64),
                         np.asarray(r["max_remix"], np.int64), np.asarray(r["any_influencer"], bool)))
-    if rows == 0:
-        raise DataError(f"platform log {log_uri!r} has no rows")
-    remix_v, remix_c = _merge_counts(remix_parts)
+    if p["rows"] == 0:
+        raise DataError(f"platform log {storage.redact(log_uri)!r} has no rows")
+    p["remix_v"], p["remix_c"] = _merge_counts(remix_parts)
     ph_all = np.concatenate([a[0] for a in agg]).astype(np.uint64)
     uph, inv = np.unique(ph_all, return_inverse=True)
-    n_images = np.bincount(inv, weights=np.concatenate([a[1] for a in agg]), minlength=len(uph)).astype(np.int64)
-    max_remix = np.full(len(uph), -1, np.int64)
-    np.maximum.at(max_remix, inv, np.concatenate([a[2] for a in agg]).astype(np.int64))
-    any_infl = np.bincount(inv, weights=np.concatenate([a[3] for a in agg]).astype(np.float64),
-                           minlength=len(uph)) > 0
-    del agg, ph_all, inv
-    kept_rows = rows - nsfw_removed
-    top_k = max(1, math.ceil(cfg.top_fraction * kept_rows))
-    desc_v, desc_c = remix_v[::-1], remix_c[::-1]
-    cutoff = int(desc_v[min(np.searchsorted(np.cumsum(desc_c), top_k), len(desc_v) - 1)]) if len(desc_v) else 0
-    cutoff = max(cutoff, cfg.min_remixes)
-    has_pos = (max_remix >= cutoff) | any_infl
-    pos_keys = uph[has_pos]
-    _progress("pass 1 (histograms, prompts)", t, rows=rows, prompts=len(uph), positive_prompts=len(pos_keys),
-              remix_cutoff=cutoff)
-    keys_ref = ray.put(pos_keys)
+    p["uph"] = uph
+    p["n_images"] = np.bincount(inv, weights=np.concatenate([a[1] for a in agg]), minlength=len(uph)).astype(np.int64)
+    p["max_remix"] = np.full(len(uph), -1, np.int64)
+    np.maximum.at(p["max_remix"], inv, np.concatenate([a[2] for a in agg]).astype(np.int64))
+    p["any_infl"] = np.bincount(inv, weights=np.concatenate([a[3] for a in agg]).astype(np.float64),
+                                minlength=len(uph)) > 0
+    p["kept_rows"] = p["rows"] - p["nsfw_removed"] - p["bad_prompts"]
+    return p
 
-    # pass 2: the view threshold
-    t = time.perf_counter()
-    v_parts, vbfr_hist = [], np.zeros_like(views_hist)
+
+def _positives(p: dict[str, Any], cfg: CurateConfig) -> None:
+    """The remix cutoff of the top fraction and the prompts with a positive (added to ``p``)."""
+    p["top_k"] = max(1, math.ceil(cfg.top_fraction * p["kept_rows"]))
+    desc_v, desc_c = p["remix_v"][::-1], p["remix_c"][::-1]
+    cutoff = int(desc_v[min(np.searchsorted(np.cumsum(desc_c), p["top_k"]), len(desc_v) - 1)]) if len(desc_v) else 0
+    p["cutoff"] = max(cutoff, cfg.min_remixes)
+    p["pos_keys"] = p["uph"][(p["max_remix"] >= p["cutoff"]) | p["any_infl"]]
+
+
+def _threshold_pass(ds, cfg: CurateConfig, common: dict, keys_ref, p: dict[str, Any]) -> None:
+    """Pass 2: the view threshold (exact quantile from value counts), added to ``p``."""
+    v_parts, p["vbfr_hist"] = [], np.zeros_like(p["views_hist"])
     for b in ds.map_batches(_pass2, fn_kwargs={**common, "pos_keys": keys_ref}, batch_format="pyarrow",
                             batch_size=cfg.batch_rows).iter_batches(batch_format="pyarrow", batch_size=None):
         for r in b.to_pylist():
             v_parts.append((np.asarray(r["values"], np.int64), np.asarray(r["counts"], np.int64)))
-            vbfr_hist += np.asarray(r["hist"], np.int64)
+            p["vbfr_hist"] += np.asarray(r["hist"], np.int64)
     vv, vc = _merge_counts(v_parts)
-    threshold = linear_quantile(vv, vc, cfg.threshold_quantile)
-    _progress("pass 2 (view threshold)", t, threshold=threshold, remixed_images=int(vc.sum()))
+    p["threshold"] = linear_quantile(vv, vc, cfg.threshold_quantile)
+    p["remixed_images"] = int(vc.sum())
 
-    # pass 3: candidates grouped by prompt -> per-prompt pairs
-    t = time.perf_counter()
-    per_prompt = (ds.map_batches(_pass3, fn_kwargs={**common, "pos_keys": keys_ref, "cutoff": cutoff,
-                                                    "threshold": threshold},
+
+SUMMARY_COLS = ("ph", "split", "n_pos", "n_neg", "n_content", "n_creator", "n_both", "n_duplicates",
+                "pairs_before_cap", "n_pairs", "n_used_images")
+
+
+def _pairs_pass(ds, cfg: CurateConfig, common: dict, keys_ref, p: dict[str, Any]):
+    """Pass 3: candidates grouped by prompt -> per-prompt pairs (materialized) and per-prompt numbers."""
+    per_prompt = (ds.map_batches(_pass3, fn_kwargs={**common, "pos_keys": keys_ref, "cutoff": p["cutoff"],
+                                                    "threshold": p["threshold"]},
                                  batch_format="pyarrow", batch_size=cfg.batch_rows)
-                  .groupby("ph", num_partitions=max(2, min(200, len(pos_keys) // 5000)))
+                  .groupby("ph", num_partitions=max(2, min(200, len(p["pos_keys"]) // 5000)))
                   .map_groups(_prompt_groups, batch_format="pyarrow",
                               fn_kwargs={"seed": cfg.seed, "cap": cfg.max_pairs_per_prompt,
                                          "ratios": list(cfg.split_ratios)})
                   .materialize())
-    summ = {k: [] for k in ("ph", "split", "n_pos", "n_neg", "n_content", "n_creator", "n_both",
-                            "pairs_before_cap", "n_pairs", "n_used_images")}
+    summ = {k: [] for k in SUMMARY_COLS}
     for b in per_prompt.select_columns(list(summ)).iter_batches(batch_format="pyarrow", batch_size=None):
         for k in summ:
             summ[k].append(b.column(k).to_numpy(zero_copy_only=False))
     summ = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in summ.items()}
-    idx = np.searchsorted(uph, summ["ph"].astype(np.uint64))
-    n_img = n_images[idx] if len(idx) else np.zeros(0, np.int64)
-    kept = summ["n_neg"] > 0
-    all_pos = (summ["n_neg"] == 0) & (summ["n_pos"] == n_img)
-    no_neg = (summ["n_neg"] == 0) & ~all_pos
-    pairs_per_split = {s: int(summ["n_pairs"][kept & (summ["split"] == s)].sum()) for s in SPLITS}
-    n_shards = {s: max(1, math.ceil(n / cfg.rows_per_shard)) for s, n in pairs_per_split.items()}
-    _progress("pass 3 (positives, negatives, pairs)", t, kept_prompts=int(kept.sum()), pairs=pairs_per_split)
+    idx = np.searchsorted(p["uph"], summ["ph"].astype(np.uint64))
+    n_img = p["n_images"][idx] if len(idx) else np.zeros(0, np.int64)
+    summ["kept"] = summ["n_neg"] > 0
+    summ["all_pos"] = (summ["n_neg"] == 0) & (summ["n_pos"] == n_img)
+    summ["no_neg"] = (summ["n_neg"] == 0) & ~summ["all_pos"]
+    return per_prompt, summ
 
-    # pass 4: pack and write shards
-    t = time.perf_counter()
-    cfg_d = {**to_dict(cfg), "s3_endpoint": endpoint}
-    shard_stats = []
+
+def _pack_pass(per_prompt, cfg: CurateConfig, out: str, pairs_per_split: dict[str, int]) -> list[dict]:
+    """Pass 4: pack and write shards in parallel (finished ones are skipped); returns every shard's stats."""
+    n_shards = {s: max(1, math.ceil(n / cfg.rows_per_shard)) for s, n in pairs_per_split.items()}
+    cfg_d = {**to_dict(cfg), "s3_endpoint": cfg.s3_endpoint}
+    shard_stats: list[dict] = []
     if sum(pairs_per_split.values()):
         pairs = per_prompt.map_batches(_explode, fn_kwargs={"n_shards": n_shards}, batch_format="pyarrow")
         parts = max(1, min(200, sum(n_shards.values())))
-        for b in (pairs.groupby("shard_key", num_partitions=parts).map_groups(_pack_shard, fn_kwargs={"out": out, "cfg_d": cfg_d},
-                                                        batch_format="pyarrow")
+        for b in (pairs.groupby("shard_key", num_partitions=parts)
+                  .map_groups(_pack_shard, fn_kwargs={"out": out, "cfg_d": cfg_d}, batch_format="pyarrow")
                   .iter_batches(batch_format="pyarrow", batch_size=None)):
             shard_stats += [json.loads(x) for x in b.column("stats").to_pylist()]
-    bad = {}
-    for st in shard_stats:
-        bad.update(st["bad_images"])
-    written = {s: sum(st["rows"] for st in shard_stats if st["split"] == s) for s in SPLITS}
-    _progress("pass 4 (pack shards)", t, shards=len(shard_stats), rows=written, bad_images=len(bad),
-              resumed_shards=sum(bool(st.get("resumed")) for st in shard_stats))
+    return shard_stats
 
+
+def _counts(p: dict[str, Any], summ: dict, pairs_per_split: dict, shard_stats: list[dict], bad: dict) -> dict:
+    kept = summ["kept"]
     positives = int(summ["n_pos"].sum())
     negatives_kept = int(summ["n_neg"][kept].sum())
-    images_in_pairs = int(summ["n_used_images"][kept].sum())
-    counts = {
-        "images": rows, "nsfw_removed": nsfw_removed, "images_after_nsfw": kept_rows,
-        "remix_cutoff": cutoff, "top_k": top_k, "view_threshold": threshold,
+    pos_kept = int(summ["n_pos"][kept].sum())
+    return {
+        "images": p["rows"], "bad_prompts": p["bad_prompts"], "nsfw_removed": p["nsfw_removed"],
+        "images_after_nsfw": p["kept_rows"], "duplicate_image_rows": int(summ["n_duplicates"].sum()),
+        "remix_cutoff": p["cutoff"], "top_k": p["top_k"], "view_threshold": p["threshold"],
         "positives": positives, "positives_content": int(summ["n_content"].sum()),
         "positives_creator": int(summ["n_creator"].sum()), "positives_both": int(summ["n_both"].sum()),
         "negatives": int(summ["n_neg"].sum()), "negatives_in_kept_prompts": negatives_kept,
-        "prompts": int(len(uph)), "prompts_with_positive": int(len(pos_keys)), "prompts_kept": int(kept.sum()),
-        "prompts_dropped": {"no_positive": int(len(uph) - len(pos_keys)), "all_positive": int(all_pos.sum()),
-                            "no_negative": int(no_neg.sum())},
+        "prompts": int(len(p["uph"])), "prompts_with_positive": int(len(p["pos_keys"])),
+        "prompts_kept": int(kept.sum()),
+        "prompts_dropped": {"no_positive": int(len(p["uph"]) - len(p["pos_keys"])),
+                            "all_positive": int(summ["all_pos"].sum()), "no_negative": int(summ["no_neg"].sum())},
         "pairs_before_cap": int(summ["pairs_before_cap"][kept].sum()),
-        "triplets_selected": pairs_per_split, "triplets": written,
+        "triplets_selected": pairs_per_split,
+        "triplets": {s: sum(st["rows"] for st in shard_stats if st["split"] == s) for s in SPLITS},
         "prompts_per_split": {s: int((kept & (summ["split"] == s)).sum()) for s in SPLITS},
         "bad_images": len(bad), "dropped_pairs": sum(st["dropped_pairs"] for st in shard_stats),
-        "share_positive": round(positives / max(kept_rows, 1), 5),
-        "share_positive_of_pos_neg": round(int(summ["n_pos"][kept].sum()) / max(int(summ["n_pos"][kept].sum())
-                                                                                + negatives_kept, 1), 5),
-        "images_in_triplets": images_in_pairs,
+        "share_positive": round(positives / max(p["kept_rows"], 1), 5),
+        "share_positive_of_pos_neg": round(pos_kept / max(pos_kept + negatives_kept, 1), 5),
+        "images_in_triplets": int(summ["n_used_images"][kept].sum()),
     }
+
+
+def curate(cfg: CurateConfig) -> dict[str, Any]:
+    """Run the curation (see the module docstring); returns the summary (also in ``datacard.json``)."""
+    try:
+        return _curate(cfg)
+    except Exception as e:  # a DataError raised inside a Ray task (an unreadable row group) arrives wrapped
+        err = parquet.data_error_of(e)
+        if err is not None and err is not e:
+            raise err from None
+        raise
+
+
+def _curate(cfg: CurateConfig) -> dict[str, Any]:
+    import ray
+
+    from sr_ray.community import simulate
+    from sr_ray.datacard import write_datacard
+
+    wall0 = time.perf_counter()
+    log_uri, out, files, has_nsfw = _inputs(cfg)
+    cached = _cached_demo(cfg, out)
+    if cached is not None:
+        return cached
+    init_ray(cfg.ray_address)
+    if files is None:
+        t = time.perf_counter()
+        simulate(cfg.community, demo_paths(cfg)[0], cfg.s3_endpoint)
+        files, has_nsfw = check_log(log_uri, cfg.s3_endpoint)
+        _progress("simulate community", t, images=cfg.community.images)
+    identity.claim(out, IDENTITY_FILE, curation_identity(cfg, files), f"out={storage.redact(out)}",
+                   "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
+    if cfg.nsfw_classifier:
+        t = time.perf_counter()
+        files, has_nsfw = _score_nsfw(cfg, files, out), True
+        _progress("nsfw classifier", t)
+    cols = [c for c in LOG_COLUMNS if c != "nsfw_score" or has_nsfw]
+    ds = parquet.read(files, cols, "platform log", cfg.s3_endpoint, on_error="raise").drop_columns(
+        [parquet.FILE_COL, parquet.ERROR_COL])
+    common = {"nsfw_max": cfg.nsfw_max, "has_nsfw": has_nsfw, "max_prompt_chars": cfg.limits.max_prompt_chars}
+
+    t = time.perf_counter()
+    p = _pass1_all(ds, cfg, common, log_uri)
+    _positives(p, cfg)
+    _progress("pass 1 (histograms, prompts)", t, rows=p["rows"], prompts=len(p["uph"]),
+              positive_prompts=len(p["pos_keys"]), remix_cutoff=p["cutoff"])
+    keys_ref = ray.put(p["pos_keys"])
+    t = time.perf_counter()
+    _threshold_pass(ds, cfg, common, keys_ref, p)
+    _progress("pass 2 (view threshold)", t, threshold=p["threshold"], remixed_images=p["remixed_images"])
+    t = time.perf_counter()
+    per_prompt, summ = _pairs_pass(ds, cfg, common, keys_ref, p)
+    pairs_per_split = {s: int(summ["n_pairs"][summ["kept"] & (summ["split"] == s)].sum()) for s in SPLITS}
+    _progress("pass 3 (positives, negatives, pairs)", t, kept_prompts=int(summ["kept"].sum()), pairs=pairs_per_split)
+    t = time.perf_counter()
+    shard_stats = _pack_pass(per_prompt, cfg, out, pairs_per_split)
+    bad = {u: r for st in shard_stats for u, r in st["bad_images"].items()}
+    counts = _counts(p, summ, pairs_per_split, shard_stats, bad)
+    written = counts["triplets"]
+    _progress("pass 4 (pack shards)", t, shards=len(shard_stats), rows=written, bad_images=len(bad),
+              resumed_shards=sum(bool(st.get("resumed")) for st in shard_stats))
     wall = time.perf_counter() - wall0
     summary = {
-        "out": out, "log": log_uri, **{f"{s}": storage.join(out, s) for s in SPLITS if written[s]},
+        "out": storage.redact(out), "log": storage.redact(log_uri),
+        **{f"{s}": storage.join(out, s) for s in SPLITS if written[s]},
         "counts": counts, "shards": len([s for s in shard_stats if s["rows"]]),
         "resumed_shards": sum(bool(st.get("resumed")) for st in shard_stats),
         "bad_image_examples": dict(list(sorted(bad.items()))[:20]),
-        "wall_s": round(wall, 1), "rows_per_s": round(rows / wall, 1),
+        "wall_s": round(wall, 1), "rows_per_s": round(p["rows"] / wall, 1),
     }
-    write_datacard(out, summary, cfg, {"remix_values": remix_v, "remix_counts": remix_c, "view_bins": VIEW_BINS,
-                                       "views_hist": views_hist, "zero_remix_views_hist": zero_hist,
-                                       "vbfr_hist": vbfr_hist}, endpoint)
-    fetched = sum(st["images"] for st in shard_stats)
-    if cfg.pack and fetched and len(bad) / max(images_in_pairs, 1) > cfg.max_bad_image_rate:
+    write_datacard(out, summary, cfg, {"remix_values": p["remix_v"], "remix_counts": p["remix_c"],
+                                       "view_bins": VIEW_BINS, "views_hist": p["views_hist"],
+                                       "zero_remix_views_hist": p["zero_hist"], "vbfr_hist": p["vbfr_hist"]},
+                   cfg.s3_endpoint)
+    images_in_pairs = counts["images_in_triplets"]
+    if cfg.pack and sum(st["images"] for st in shard_stats) and len(bad) / max(images_in_pairs, 1) > \
+            cfg.max_bad_image_rate:
         ex = "; ".join(f"{u}: {r}" for u, r in list(sorted(bad.items()))[:5])
         raise DataError(f"{len(bad)} of {images_in_pairs} images are unusable "
                         f"(> max_bad_image_rate={cfg.max_bad_image_rate}); e.g. {ex}")

@@ -70,7 +70,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Log: `{summary['log']}`  ", f"Output: `{summary['out']}`", "",
         "| quantity | value |", "| --- | --- |",
         f"| images in the log | {c['images']:,} |",
+        f"| removed: no usable prompt (null, blank, too long) | {c.get('bad_prompts', 0):,} |",
         f"| removed as NSFW | {c['nsfw_removed']:,} |",
+        f"| extra rows of an image_id listed twice in a prompt | {c.get('duplicate_image_rows', 0):,} |",
         f"| remix cutoff (top {summary['config']['top_fraction']:.2%}: k = {c['top_k']:,}) | {c['remix_cutoff']:,} |",
         f"| positives (content only / creator only / both) | {c['positives']:,} "
         f"({c['positives_content']:,} / {c['positives_creator']:,} / {c['positives_both']:,}) |",
