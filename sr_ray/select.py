@@ -47,7 +47,8 @@ import pyarrow.compute as pc
 
 from sr_ray import images, storage
 from sr_ray.config import ConfigError, to_dict
-from sr_ray.data import DataError, parquet_inputs
+from sr_ray.core import parquet
+from sr_ray.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -384,11 +385,12 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
                           "or set regularization_ratio=0 to select without one")
     init_ray(cfg.ray_address)
     scores = _demo_scores(cfg) if demo else cfg.scores
-    score_inputs = parquet_inputs(scores, "scores", ["generation_id", "prompt", "score"], endpoint=endpoint)
+    score_inputs = parquet.inputs(scores, "scores", ["generation_id", "prompt", "score"], endpoint=endpoint,
+                                  kinds={"prompt": "string", "generation_id": "id"})
     score_files, rows = [f.path for f in score_inputs], sum(f.rows for f in score_inputs)
     generations = _generations_of(cfg, scores)
-    gen_files = [f.path for f in parquet_inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
-                                                ["image"], endpoint)]
+    gen_files = [f.path for f in parquet.inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
+                                                {"image": "binary", "image_uri": "string"}, endpoint)]
     reg_uri = None
     if cfg.regularization_ratio > 0:
         if cfg.regularization is None:
@@ -397,8 +399,8 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
             reg_uri = ensure_demo_regularization(cfg.demo)
         else:
             reg_uri = cfg.regularization
-        reg_inputs = parquet_inputs(reg_uri, "regularization", ["caption"], ["image", "image_uri"], ["image"],
-                                    endpoint)
+        reg_inputs = parquet.inputs(reg_uri, "regularization", ["caption"], ["image", "image_uri"],
+                                    {"image": "binary", "image_uri": "string", "caption": "string"}, endpoint)
     sfs, _ = storage.resolve(scores, endpoint)
     log.info("[select] %d scored generations in %d shard(s) under %s", rows, len(score_files), scores)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from sr_ray import images, storage
-from sr_ray.data import parquet_inputs
+from sr_ray.core import parquet
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class SetInfo:
     files: list[str]
     rows: int
     sources: dict[str, int]
+    identity: list[dict[str, Any]] = field(default_factory=list)
+    """Every file's URI, size and mtime: what a resumed fine-tune must find unchanged."""
 
 
 def preflight(cfg: FinetuneDataConfig, uri: str) -> SetInfo:
@@ -60,7 +62,8 @@ def preflight(cfg: FinetuneDataConfig, uri: str) -> SetInfo:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    inputs = parquet_inputs(uri, "data.train", COLUMNS, binary=["image"], endpoint=cfg.s3_endpoint,
+    inputs = parquet.inputs(uri, "data.train", COLUMNS, kinds={"image": "binary", "prompt": "string"},
+                            endpoint=cfg.s3_endpoint,
                             expected="a fine-tune set has prompt, image (bytes), source, generation_id "
                                      "(see jobs/select_pairs.py)")
     fs, _ = storage.resolve(uri, cfg.s3_endpoint)
@@ -71,7 +74,7 @@ def preflight(cfg: FinetuneDataConfig, uri: str) -> SetInfo:
         for v, n in zip(*[x.to_pylist() for x in pc.value_counts(src).flatten()]):
             sources[v] = sources.get(v, 0) + n
     files, rows = [f.path for f in inputs], sum(f.rows for f in inputs)
-    return SetInfo(uri, files, rows, sources)
+    return SetInfo(uri, files, rows, sources, [f.identity() for f in inputs])
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,13 +35,41 @@ from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.data import DataError
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
 from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
-from sr_ray.ray_utils import init_ray, worker_prints_to_stderr
+from sr_ray.core import identity
+from sr_ray.ray_utils import check_resources, init_ray, worker_prints_to_stderr
 from sr_ray.train import Reducer
 
 log = logging.getLogger("sr_ray.finetune")
 
 STATE_FILE = "train_state.pt"
 DS_TAG = "ds"
+IDENTITY_FILE = "run_identity.json"
+# keys a resumed run may change: where and how fast it runs, how it reports; not what it learns
+OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.overwrite",
+               "run.checkpoints_to_keep", "run.sample_every_steps", "run.sample_prompts", "run.sample_steps",
+               "run.save_pipeline", "scaling.max_failures", "data.s3_endpoint", "data.demo.cache_dir")
+
+
+def weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` (it passes False: any pickle).
+
+    A ZeRO checkpoint holds tensors and plain values plus three DeepSpeed classes, allowed by name; anything
+    else in a checkpoint file is refused instead of executed.
+    """
+    import torch
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnly(engine._config)
 FAULT_MARKER = ".fault_injected"
 
 
@@ -105,8 +133,12 @@ class FinetuneScalingConfig:
 
 @dataclass
 class FinetuneRunConfig:
+    SIGNED: ClassVar[tuple[str, ...]] = ("sample_every_steps",)  # -1: never
+
     name: str = "sd-finetune-demo"
-    """Run name; re-running with the same name and storage resumes."""
+    """Run name; re-running with the same name, storage, settings and data resumes (anything else is refused)."""
+    overwrite: bool = False
+    """Delete an existing run of this name (other settings or data) and start it again."""
     storage_path: str = "./runs"
     checkpoint_every_steps: int = 20
     """Checkpoint (through Ray Train) every N steps and at the end."""
@@ -278,6 +310,7 @@ def train_func(config: dict[str, Any]) -> None:
         engine, optim, _, sched = deepspeed.initialize(
             model=denoiser, optimizer=optim, lr_scheduler=sched,
             config=deepspeed_config(cfg, per_worker, bf16))
+        engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
         model, core = engine, engine.module
     else:
         model = ray.train.torch.prepare_model(denoiser)
@@ -291,7 +324,7 @@ def train_func(config: dict[str, Any]) -> None:
                 _, client = engine.load_checkpoint(d, tag=DS_TAG)
                 step = int(client["step"])
             else:
-                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
                 core.load_state_dict(state["model"])
                 optim.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
@@ -443,6 +476,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     from sr_ray.train import absolute_storage, run_dir
 
     check_model(cfg.model)
+    storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
     prepare_model(cfg.model.name)
     if cfg.optim.batch_size % cfg.scaling.num_workers:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "
@@ -464,10 +498,18 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     if spe < 1:
         raise DataError(f"data.train has {info.rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
     rdir = run_dir(cfg)
+    run = {k: v for k, v in identity.flatten(to_dict(cfg)).items()
+           if k not in set(OPERATIONAL) | {"run.name", "run.storage_path"}}
+    identity.claim(rdir, IDENTITY_FILE, {"config": run, "data": info.identity},
+                   f"run.name={cfg.run.name}", "run.overwrite=true", cfg.run.overwrite, cfg.data.s3_endpoint)
     storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
     log.info("[finetune] run dir %s; fine-tune set %s: %d rows %s", rdir, uri, info.rows, info.sources)
 
-    init_ray(cfg.run.ray_address)
+    fixed = init_ray(cfg.run.ray_address)
+    check_resources([{"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker}
+                                                             if cfg.scaling.use_gpu else {})}] * cfg.scaling.num_workers,
+                    "the fine-tuning workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker)",
+                    fixed=fixed)
     dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
