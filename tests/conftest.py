@@ -12,9 +12,11 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# moto accepts any credentials; set them before Ray starts so every worker inherits them
+# moto accepts any credentials; set them before Ray starts so every worker inherits them. The secret is
+# recognizable: tests grep logs, configs, summaries, TensorBoard files and S3 objects for it (never there).
+FAKE_SECRET = "sr-ray-FAKE-SECRET-8f3e1c"
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = FAKE_SECRET
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 
@@ -59,6 +61,21 @@ def s3_bucket(s3_endpoint):
     name = f"sr-ray-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> str:
+    """A reward checkpoint of the tiny CLIP with random weights (seeded), for the scoring tests."""
+    import torch
+
+    from sr_ray.model import ModelConfig, RewardModel, build_clip
+    from sr_ray.score import save_model
+
+    path = tmp_path_factory.mktemp("reward")
+    torch.manual_seed(1)
+    cfg = ModelConfig(name="sr-tiny")
+    save_model(path, RewardModel(build_clip(cfg)), cfg)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -5,23 +5,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from sr_ray.batch_score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, inspect_inputs,
                                 score_generations)
 from sr_ray.data import DataError
 from sr_ray.demo import make_generations
-from sr_ray.model import ModelConfig, RewardModel, build_clip
-from sr_ray.score import RewardScorer, save_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reward")
-    torch.manual_seed(1)
-    cfg = ModelConfig(name="sr-tiny")
-    save_model(path, RewardModel(build_clip(cfg)), cfg)
-    return str(path)
+from sr_ray.score import RewardScorer
 
 
 def write_generations(folder, prompts=12, per_prompt=3, bad=3, files=3, seed=0):
@@ -62,7 +51,8 @@ def test_stages_score_like_the_python_api_and_encode_each_prompt_once(checkpoint
     assert np.isnan(out["score"][~ok]).all()
     # 10 prompts x 4 images over batches of 8: each prompt's text went through the model once
     assert out["texts_encoded"].sum() == len({p for p, g in zip(cols["prompt"], ok) if g}) == 10
-    assert "image" not in out and "pixels" not in out and "user_id" in out
+    # only what scoring needs goes through Ray: the other input columns are joined back when a shard is written
+    assert "image" not in out and "pixels" not in out and "user_id" not in out
 
 
 def test_deepspeed_backend_runs_on_cpu_and_matches_torch(checkpoint):
@@ -84,7 +74,7 @@ def test_bad_inputs_are_named_before_ray(tmp_path):
         inspect_inputs(str(tmp_path), None)
     (tmp_path / "no-image.parquet").unlink()
     pq.write_table(pa.table({"generation_id": ["a"], "prompt": ["p"], "image": ["x"]}), tmp_path / "str.parquet")
-    with pytest.raises(DataError, match="str.parquet column image is string, expected binary"):
+    with pytest.raises(DataError, match="str.parquet column 'image' is string, expected binary"):
         inspect_inputs(str(tmp_path), None)
     with pytest.raises(DataError, match="no such file"):
         inspect_inputs(str(tmp_path / "missing"), None)
@@ -150,7 +140,8 @@ def test_s3_in_and_out_with_bytes_and_uris(ray_cluster, checkpoint, s3_endpoint,
     fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", region="us-east-1")
     keys = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/scores", recursive=True)))
     assert keys == [f"{s3_bucket}/scores/{p}" for p in
-                    ("_rejects", "_rejects/bytes.parquet", "_rejects/uris.parquet", "_summary.json",
+                    ("_rejects", "_rejects/bytes.parquet", "_rejects/uris.parquet", "_scoring.json", "_shards",
+                     "_shards/bytes.parquet.json", "_shards/uris.parquet.json", "_summary.json",
                      "bytes.parquet", "uris.parquet")]
     table = pa.concat_tables([pq.read_table(f"{s3_bucket}/scores/{s}.parquet", filesystem=fs)
                               for s in ("bytes", "uris")], promote_options="permissive")
@@ -182,12 +173,13 @@ def test_killed_job_resumes_and_scores_every_generation_exactly_once(ray_cluster
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("*.parquet")):
+    while time.time() < deadline and not list(out.glob("_shards/*.json")):  # a shard record: its commit point
         assert proc.poll() is None, "the job ended before it wrote a shard"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    committed = {p.name[:-len(".json")] for p in out.glob("_shards/*.json")}
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in committed}
     assert 1 <= len(done) < 8, f"kill came too late or never: {sorted(done)}"
     time.sleep(2)  # let the cluster reclaim the killed driver's actors
 
@@ -205,11 +197,11 @@ def test_decode_runs_in_cpu_tasks_when_the_scorers_take_gpus(ray_cluster, checkp
     from sr_ray.batch_score import build_pipeline, checkpoint_model_config
 
     write_generations(tmp_path / "gen", prompts=2, per_prompt=2, bad=0, files=1)
-    paths = [str(p) for p in (tmp_path / "gen").glob("*.parquet")]
+    files = inspect_inputs(str(tmp_path / "gen"), None)
     mcfg = checkpoint_model_config(checkpoint)
     plans = {}
     for gpu in (True, False):
-        build_pipeline(ScoreConfig(use_gpu=gpu), paths, str(tmp_path / "gen"), mcfg, checkpoint).explain()
+        build_pipeline(ScoreConfig(use_gpu=gpu), files, mcfg, checkpoint).explain()
         out = capsys.readouterr().out
         plans[gpu] = out[out.index("Physical Plan (Optimized)"):]
     assert "ActorPoolMapOperator[MapBatches(GenerationScorer)]" in plans[True]

@@ -17,6 +17,7 @@ from sr_ray.community import CommunityConfig, simulate
 from sr_ray.curate import (CurateConfig, check_log, curate, linear_quantile, normalize_prompt, pair_rank,
                            split_of)
 from sr_ray.curate_reference import curate_pandas
+from sr_ray.config import ConfigError
 from sr_ray.data import DataError
 
 
@@ -158,10 +159,10 @@ def test_log_with_missing_columns_or_wrong_types_is_named(tmp_path):
     pq.write_table(pa.table({**good, "remix_count": ["many"]}), tmp_path / "l2" / "y.parquet")
     with pytest.raises(DataError, match=r"y\.parquet: wrong type\(s\): remix_count is string, expected integer"):
         check_log(str(tmp_path / "l2"), None)
-    with pytest.raises(DataError, match="l3-missing'.*does not exist"):
+    with pytest.raises(DataError, match="log=.*l3-missing: no such file or folder"):
         check_log(str(tmp_path / "l3-missing"), None)
     (tmp_path / "l4").mkdir()
-    with pytest.raises(DataError, match="l4': no .parquet files"):
+    with pytest.raises(DataError, match="l4: no .parquet files"):
         check_log(str(tmp_path / "l4"), None)
 
 
@@ -219,7 +220,7 @@ def test_rerun_skips_finished_shards_and_other_rules_are_refused(hand_curated, t
     # the bad-image limit is judged on the finished shards too: 2 of the 17 images in pairs is too many at 5%
     with pytest.raises(DataError, match=r"2 of 17 images are unusable \(> max_bad_image_rate=0.05\)"):
         curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "max_bad_image_rate": 0.05}))
-    with pytest.raises(DataError, match=r"other rules \(differs in \['top_fraction'\]\)"):
+    with pytest.raises(ConfigError, match=r"other settings or inputs \(rules.top_fraction differ\)"):
         curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "top_fraction": 0.5}))
 
 
@@ -248,3 +249,42 @@ def test_clip_zero_shot_nsfw_hook_scores_images_in_unit_interval():
     assert s.shape == (2,) and ((s >= 0) & (s <= 1)).all()
     with pytest.raises(ValueError, match="expected 'module:Class'"):
         load_classifier("sr_ray.nsfw.ClipZeroShotNSFW")
+
+
+def test_another_log_into_the_same_out_is_refused_and_bad_rows_are_counted(hand_curated, tmp_path):
+    """Defect 2: curating another log into an existing out "resumed" every shard from the old log. Now refused
+    (naming the log), or curated afresh with overwrite=true. The new log carries the corpus's bad rows: prompts
+    that are null, empty, blank or oversized (dropped, counted), an image_id listed twice in a prompt (counted
+    once), and image URIs that are relative or of a scheme sr-ray cannot read (bad images, counted)."""
+    import shutil
+
+    log, done, first = hand_curated
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    rows = hand_log()
+    rows += [_row(None, "B1"), _row("", "B2"), _row("   ", "B3"), _row("x" * 20_000, "B4"),
+             _row("tie", "N_tie", views=1000)]  # N_tie listed twice
+    img = tmp_path / "images"
+    img.mkdir()
+    for r in rows:
+        r["image_uri"] = str(img / f"{r['image_id']}.png")
+        Path(r["image_uri"]).write_bytes(images.checkerboard_png(24))
+        r["image_uri"] = {"M0": "images/M0.png", "M1": "https://example.com/M1.png"}.get(r["image_id"], r["image_uri"])
+    (tmp_path / "log2").mkdir()
+    df = pd.DataFrame(rows).astype({"views_before_first_remix": "Int64"})
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "log2" / "all.parquet")
+
+    with pytest.raises(ConfigError, match=r"out=.*holds work made from other settings or inputs \(log"):
+        curate(CurateConfig(log=str(tmp_path / "log2"), out=str(out), **HAND_RULES))
+    s = curate(CurateConfig(log=str(tmp_path / "log2"), out=str(out), overwrite=True, **HAND_RULES))
+    c = s["counts"]
+    assert c["images"] == 106 and c["bad_prompts"] == 4 and c["nsfw_removed"] == 1
+    assert c["duplicate_image_rows"] == 1 and c["negatives"] == 7  # N_tie once
+    assert set(s["bad_image_examples"]) == {"images/M0.png", "https://example.com/M1.png"}
+    assert "not absolute" in s["bad_image_examples"]["images/M0.png"]
+    assert "unsupported URI scheme" in s["bad_image_examples"]["https://example.com/M1.png"]
+    got = _triplets(str(out))
+    assert not {t for t in got if t[2] in ("M0", "M1")}
+    # N_bad's image is fine in the new log, corrupt in the old: its pairs prove the folder holds the new log
+    assert {t for t in got if t[2] == "N_bad"} and not {t for t in _triplets(done) if t[2] == "N_bad"}
+    assert {t[0] for t in got} == {"top", "tie", "creator", "cap"}

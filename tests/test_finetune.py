@@ -80,7 +80,7 @@ def test_bad_fine_tune_set_is_named(tmp_path):
         preflight(FinetuneDataConfig(), str(tmp_path))
     (tmp_path / "no-source.parquet").unlink()
     pq.write_table(pa.table({"prompt": ["p"], "image": ["x"], "source": ["best"]}), tmp_path / "s.parquet")
-    with pytest.raises(DataError, match="s.parquet column image is string, expected binary"):
+    with pytest.raises(DataError, match="s.parquet column 'image' is string, expected binary"):
         preflight(FinetuneDataConfig(), str(tmp_path))
 
 

@@ -70,6 +70,7 @@ def submit(url: str, env: dict, job: str, args: list[str], timeout: int) -> dict
     return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
 
 
+@pytest.mark.extended  # ~2 min on 2 cores (a second Ray head): the default suite stays under its 12 minutes
 def test_ray_job_submit_runs_the_training_job(ray_head, tmp_path, demo_cache):
     url, env = ray_head
     summary = submit(url, env, "jobs/train_reward.py", small_overrides(tmp_path, demo_cache, "submitted"), 600)
