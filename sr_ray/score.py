@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sr_ray import images, storage
+from sr_ray.core import identity
 from sr_ray.core.errors import DataError
 from sr_ray.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
@@ -48,10 +49,23 @@ def save_model(path: str | os.PathLike, model: RewardModel, cfg: ModelConfig, fu
     torch.save(model_state(model, cfg, full), Path(path) / MODEL_FILE)
 
 
+_COPIES: dict[tuple[str, str], str] = {}  # (s3 URI, its files' fingerprint) -> local copy, per process
+
+
+def _local_copy(checkpoint: str) -> str:
+    """An s3:// checkpoint copied to local disk once per process (again only when its files changed)."""
+    if not storage.is_s3(checkpoint):
+        return checkpoint
+    key = (checkpoint, identity.folder_fingerprint(checkpoint))
+    if key not in _COPIES:
+        _COPIES[key] = storage.local_copy(checkpoint, "sr-ray-ckpt-")
+    return _COPIES[key]
+
+
 def model_file(checkpoint: str) -> Path:
     """The local ``model.pt`` of a checkpoint folder (local or s3://, copied once) or file; DataError if none."""
     try:
-        local = Path(storage.local_copy(str(checkpoint), "sr-ray-ckpt-"))
+        local = Path(_local_copy(str(checkpoint)))
     except (OSError, ValueError) as e:
         raise DataError(f"checkpoint={storage.redact(checkpoint)}: cannot read it ({e})") from None
     f = local / MODEL_FILE if local.is_dir() else local

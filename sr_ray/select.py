@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 
 from sr_ray import images, storage
 from sr_ray.config import ConfigError, to_dict
-from sr_ray.core import parquet
+from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -362,10 +362,10 @@ def _check_out(cfg: SelectConfig, settings: dict) -> None:
     marker = storage.join(cfg.out, "_selection.json")
     if storage.exists(marker, cfg.s3_endpoint):
         before = json.loads(storage.read_bytes(marker, cfg.s3_endpoint))
-        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        diff = identity.differing_keys(before, settings)
         if diff:
-            raise ConfigError(f"out={cfg.out} holds a fine-tune set made with other settings {diff} "
-                              f"(before, now); choose another out or delete it")
+            raise ConfigError(f"out={storage.redact(cfg.out)} holds a fine-tune set made with other settings or "
+                              f"inputs ({identity.describe(diff)} differ); choose another out or delete it")
     else:
         storage.write_text(marker, json.dumps(settings, indent=1), cfg.s3_endpoint)
 
@@ -389,8 +389,9 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
                                   kinds={"prompt": "string", "generation_id": "id"})
     score_files, rows = [f.path for f in score_inputs], sum(f.rows for f in score_inputs)
     generations = _generations_of(cfg, scores)
-    gen_files = [f.path for f in parquet.inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
-                                                {"image": "binary", "image_uri": "string"}, endpoint)]
+    gen_inputs = parquet.inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
+                                {"image": "binary", "image_uri": "string"}, endpoint)
+    gen_files = [f.path for f in gen_inputs]
     reg_uri = None
     if cfg.regularization_ratio > 0:
         if cfg.regularization is None:
@@ -439,7 +440,11 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     settings = {"scores": scores, "generations": generations, "regularization": reg_uri,
                 "min_images": cfg.min_images, "margin": cfg.margin, "token": with_token("{prompt}", cfg),
                 "regularization_ratio": cfg.regularization_ratio, "seed": cfg.seed, "shards": n_shards,
-                "rows_per_shard": cfg.rows_per_shard}
+                "rows_per_shard": cfg.rows_per_shard,
+                # the files as they are now: re-scored scores (same folder, new content) are other inputs
+                "inputs": {"scores": [f.identity() for f in score_inputs],
+                           "generations": [f.identity() for f in gen_inputs],
+                           "regularization": [f.identity() for f in reg_inputs] if reg_uri else []}}
     _check_out(cfg, settings)
     present = storage.data_file_names(cfg.out, endpoint)
     finished = {s for s in range(n_shards) if shard_name(s) in present}

@@ -1,6 +1,7 @@
 """Selection of the fine-tune set: true best/worst per prompt, skips, token, regularization ratio, shards."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -131,7 +132,14 @@ def test_selection_picks_true_best_and_worst_and_mixes_regularization(ray_cluste
 
     # other settings in the same folder are refused, not mixed
     cfg.margin = 0.2
-    with pytest.raises(ConfigError, match="holds a fine-tune set made with other settings"):
+    with pytest.raises(ConfigError, match=r"holds a fine-tune set made with other settings or inputs \(margin"):
+        select_pairs(cfg)
+    # so are the same settings over scores re-made in the same folder (a new checkpoint, overwrite=true): the
+    # finished shards would be the old scores' selection
+    cfg.margin = 0.1
+    first_scores = sorted(Path(cfg.scores).glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first_scores), first_scores)
+    with pytest.raises(ConfigError, match=r"other settings or inputs \(inputs.scores differ\)"):
         select_pairs(cfg)
 
 
