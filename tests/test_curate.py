@@ -224,6 +224,7 @@ def test_rerun_skips_finished_shards_and_other_rules_are_refused(hand_curated, t
         curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "top_fraction": 0.5}))
 
 
+@pytest.mark.extended  # ~50 s; keeps the default suite under 12 minutes (S3 in/out is in the default suite for training)
 def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket):
     comm = f"s3://{s3_bucket}/community"
     log = simulate(CommunityConfig(images=300, image_size=32, chunk_images=150, seed=2), comm)
