@@ -12,7 +12,7 @@ Built in:
   or ``s3://``): cosine of CLIP prompt and image embeddings after fine-tuning on
   community feedback;
 - ``clip``: prompt-image alignment of an open_clip model (``clip_model`` +
-  ``clip_pretrained``, e.g. ``ViT-L-14`` + ``openai``): the same cosine with the
+  ``clip_pretrained``, e.g. ``ViT-L-14-quickgelu`` + ``openai``): the same cosine with the
   original CLIP weights.
 """
 
@@ -39,7 +39,7 @@ class MetricsConfig:
     social_reward_checkpoint: str | None = None
     """An sr-ray reward checkpoint (local or s3://); none: the reward demo's."""
     clip_model: str = "sr-tiny"
-    """open_clip architecture of the CLIP alignment metric (the paper's kind: ViT-L-14 / ViT-H-14)."""
+    """open_clip architecture of the CLIP alignment metric (the paper's: ViT-L-14-quickgelu with openai weights)."""
     clip_pretrained: str | None = None
     """open_clip pretrained tag (openai, laion2b_s32b_b79k) or weights file; none: random weights (demo only)."""
     batch_size: int = 64
@@ -50,6 +50,11 @@ class MetricsConfig:
             raise ValueError(f"metrics.names: unknown {unknown}; known: {sorted(METRICS)}")
         if len(set(self.names)) != len(self.names) or not self.names:
             raise ValueError("metrics.names: name each metric once, at least one")
+        from sr_ray.model import activation_problem
+
+        problem = activation_problem(self.clip_model, self.clip_pretrained)
+        if problem:  # OpenAI weights need the -quickgelu architecture
+            raise ValueError(problem.replace("model.name", "metrics.clip_model"))
 
 
 def register_metric(name: str):

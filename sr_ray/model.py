@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sr_ray import storage
+from sr_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,34 @@ def _local_weights(pretrained: str | None) -> str | None:
     return pretrained or None
 
 
+def activation_problem(name: str, pretrained: str | None) -> str | None:
+    """Why the architecture ``name`` does not fit the pretrained tag ``pretrained`` (None when it does).
+
+    OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain ``ViT-L-14`` uses GELU, and
+    ``create_model("ViT-L-14", pretrained="openai")`` only logs a warning while every embedding comes out
+    degraded. The tag's config says which activation its weights need; the architecture's must agree.
+    """
+    if not pretrained or name.startswith(("local-dir:", "hf-hub:")) or os.path.isfile(pretrained) \
+            or storage.is_s3(pretrained):
+        return None
+    tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    if not tag:
+        return None
+    want = bool(tag.get("quick_gelu", False))
+    have = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    if want == have:
+        return None
+    base = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else name
+    fix = f"{base}-quickgelu" if want else base
+    return (f"model.name={name!r} uses {'QuickGELU' if have else 'GELU'} but the {pretrained!r} weights were "
+            f"trained with {'QuickGELU' if want else 'GELU'}: use model.name={fix!r}")
+
+
 def build_clip(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
     """The open_clip model of ``cfg``, in fp32 on the CPU, frozen per ``cfg``."""
+    problem = activation_problem(cfg.name, cfg.pretrained)
+    if problem:
+        raise ConfigError(problem)
     known = set(open_clip.list_models())
     if not cfg.name.startswith(("local-dir:", "hf-hub:")) and cfg.name not in known:
         raise ValueError(f"model.name={cfg.name!r} is not an open_clip architecture; "

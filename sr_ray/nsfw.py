@@ -32,11 +32,11 @@ def load_classifier(spec: str):
 class ClipZeroShotNSFW:
     """Zero-shot NSFW score with an open_clip model: softmax over "unsafe" vs "safe" captions.
 
-    With real weights (e.g. ``ViT-L-14``/``openai``) this is the common CLIP-based
+    With real weights (e.g. ``ViT-L-14-quickgelu``/``openai``) this is the common CLIP-based
     filter; any open_clip name/pretrained pair works.
     """
 
-    def __init__(self, model_name: str = "ViT-L-14", pretrained: str | None = "openai",
+    def __init__(self, model_name: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai",
                  unsafe: str = "an explicit nsfw image", safe: str = "a safe for work image"):
         import torch
 

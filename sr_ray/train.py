@@ -30,7 +30,7 @@ from sr_ray.core import identity
 from sr_ray.ray_utils import check_resources, init_ray, worker_prints_to_stderr
 from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
 from sr_ray.losses import LossConfig, compute_loss
-from sr_ray.model import ModelConfig, RewardModel, build_clip, count_params
+from sr_ray.model import ModelConfig, RewardModel, activation_problem, build_clip, count_params
 from sr_ray.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
 
 log = logging.getLogger("sr_ray.train")
@@ -435,6 +435,9 @@ def check_config(cfg: TrainRewardConfig) -> None:
             and not open_clip.get_pretrained_cfg(name, pre):
         raise ConfigError(f"model.pretrained={pre!r} is neither a file nor a pretrained tag of {name} "
                           f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
+    problem = activation_problem(name, pre)
+    if problem:
+        raise ConfigError(problem)
     storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
     storage.check_output_dir(run_dir(cfg), "run.name", cfg.data.s3_endpoint)
 

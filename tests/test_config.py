@@ -32,7 +32,7 @@ def test_every_shipped_yaml_loads(path):
 
 def test_paper_yaml_is_the_paper_setting():
     cfg = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml")
-    assert (cfg.model.name, cfg.model.pretrained) == ("ViT-L-14", "openai")
+    assert (cfg.model.name, cfg.model.pretrained) == ("ViT-L-14-quickgelu", "openai")
     assert (cfg.model.unfreeze_vision_blocks, cfg.model.unfreeze_text_blocks) == (3, 2)
     assert cfg.loss.name == "triplet" and cfg.optim.batch_size == 32
 

@@ -91,3 +91,34 @@ def test_freeze_is_idempotent_and_explicit():
     model = build_clip(ModelConfig(name="sr-tiny", unfreeze_vision_blocks=-1, unfreeze_text_blocks=-1))
     freeze(model, 0, 1)
     assert count_params(model)[0] == block(64) + head(64, 32)
+
+
+def test_openai_weights_need_the_quickgelu_architecture():
+    """open_clip only warns when plain ViT-L-14 (GELU) is built around OpenAI's QuickGELU weights; sr-ray refuses
+    the pair, before any weight is fetched, and names the architecture to use instead."""
+    import open_clip
+
+    from sr_ray.config import ConfigError, load_config
+    from sr_ray.metrics import MetricsConfig
+    from sr_ray.model import activation_problem
+    from sr_ray.train import TrainRewardConfig, check_config
+
+    assert activation_problem("ViT-L-14", "openai") == (
+        "model.name='ViT-L-14' uses GELU but the 'openai' weights were trained with QuickGELU: "
+        "use model.name='ViT-L-14-quickgelu'")
+    assert activation_problem("ViT-L-14-quickgelu", "openai") is None
+    assert activation_problem("ViT-B-32-quickgelu", "laion400m_e32") is None  # QuickGELU LAION weights exist too
+    assert activation_problem("ViT-B-32", "laion2b_s34b_b79k") is None and activation_problem("ViT-L-14", None) is None
+    with pytest.raises(ConfigError, match="use model.name='ViT-L-14-quickgelu'"):
+        build_clip(ModelConfig(name="ViT-L-14", pretrained="openai"))  # no download: refused first
+    with pytest.raises(ConfigError, match="use model.name='ViT-L-14-quickgelu'"):
+        check_config(load_config(TrainRewardConfig, None, ["model.name=ViT-L-14", "model.pretrained=openai"]))
+    with pytest.raises(ValueError, match="metrics.clip_model='ViT-L-14' uses GELU"):
+        MetricsConfig(clip_model="ViT-L-14", clip_pretrained="openai")
+    # the architecture the paper configs name really runs QuickGELU (checked on its smaller sibling)
+    act = open_clip.create_model("ViT-B-32-quickgelu").visual.transformer.resblocks[0].mlp.gelu
+    assert type(act).__name__ == "QuickGELU"
+    from conftest import ROOT
+
+    paper = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml")
+    assert activation_problem(paper.model.name, paper.model.pretrained) is None
