@@ -107,11 +107,11 @@ def ensure_demo_data(cfg: DemoConfig) -> dict[str, str]:
         for split, n in (("train", cfg.train), ("val", cfg.val), ("test", cfg.test)):
             write_split(tmp / split, make_triplets(n, rng, cfg.image_size, split), cfg.rows_per_shard)
 
-    _cached_dir(root, write, asdict(cfg), "demo triplets")
+    cached_dir(root, write, asdict(cfg), "demo triplets")
     return splits
 
 
-def _cached_dir(root: Path, write, params: dict, what: str) -> None:
+def cached_dir(root: Path, write, params: dict, what: str) -> None:
     """Make ``root`` once: ``write(tmp)`` fills a temporary folder that is renamed into place with a _SUCCESS marker."""
     if (root / "_SUCCESS").exists():
         return
@@ -178,7 +178,7 @@ def make_generations(prompts: int, images_per_prompt: int, image_size: int, seed
 
 def ensure_demo_generations(overrides: dict | None = None) -> str:
     """Write (once, cached by parameters) the demo generation set; returns its folder."""
-    p, key = _params(GENERATIONS_DEFAULTS, overrides, "generation set")
+    p, key = demo_params(GENERATIONS_DEFAULTS, overrides, "generation set")
     root = Path(os.path.expanduser(p["cache_dir"])) / f"generations-{key}"
 
     def write(tmp: Path) -> None:
@@ -188,7 +188,7 @@ def ensure_demo_generations(overrides: dict | None = None) -> str:
         for k, start in enumerate(range(0, len(table), step)):
             pq.write_table(table.slice(start, step), tmp / f"generations-{k:05d}.parquet", row_group_size=64)
 
-    _cached_dir(root, write, p, "demo generations")
+    cached_dir(root, write, p, "demo generations")
     return str(root)
 
 
@@ -214,7 +214,8 @@ def make_regularization(rows: int, image_size: int, seed: int, bad_rows: int) ->
     return cols
 
 
-def _params(defaults: dict, overrides: dict | None, what: str) -> tuple[dict, str]:
+def demo_params(defaults: dict, overrides: dict | None, what: str) -> tuple[dict, str]:
+    """(the demo set's parameters: ``defaults`` updated by ``overrides``, a cache key of them); unknown keys refused."""
     p = {**defaults, **(overrides or {})}
     unknown = set(p) - set(defaults)
     if unknown:
@@ -228,7 +229,7 @@ def _params(defaults: dict, overrides: dict | None, what: str) -> tuple[dict, st
 
 def ensure_demo_regularization(overrides: dict | None = None) -> str:
     """Write (once, cached by parameters) the demo regularization set; returns its folder."""
-    p, key = _params(REGULARIZATION_DEFAULTS, overrides, "regularization set")
+    p, key = demo_params(REGULARIZATION_DEFAULTS, overrides, "regularization set")
     root = Path(os.path.expanduser(p["cache_dir"])) / f"regularization-{key}"
 
     def write(tmp: Path) -> None:
@@ -238,5 +239,5 @@ def ensure_demo_regularization(overrides: dict | None = None) -> str:
         for k, start in enumerate(range(0, len(table), step)):
             pq.write_table(table.slice(start, step), tmp / f"laion-demo-{k:05d}.parquet", row_group_size=64)
 
-    _cached_dir(root, write, p, "demo regularization set")
+    cached_dir(root, write, p, "demo regularization set")
     return str(root)

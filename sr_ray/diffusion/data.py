@@ -186,9 +186,9 @@ def ensure_demo_finetune_set(overrides: dict | None = None, token: str = "t@y qu
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sr_ray.demo import _cached_dir, _params, make_generations, make_regularization
+    from sr_ray.demo import cached_dir, demo_params, make_generations, make_regularization
 
-    p, key = _params(DEMO_DEFAULTS, overrides, "fine-tune set")
+    p, key = demo_params(DEMO_DEFAULTS, overrides, "fine-tune set")
     root = Path(os.path.expanduser(p["cache_dir"])) / f"finetune-set-{key}"
 
     def write(tmp: Path) -> None:
@@ -211,5 +211,5 @@ def ensure_demo_finetune_set(overrides: dict | None = None, token: str = "t@y qu
         for k, s in enumerate(range(0, len(t), 160)):
             pq.write_table(t.slice(s, 160), tmp / f"part-{k:05d}.parquet", row_group_size=64)
 
-    _cached_dir(root, write, p, "demo fine-tune set")
+    cached_dir(root, write, p, "demo fine-tune set")
     return str(root)
