@@ -66,7 +66,6 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
     A :class:`~sr_ray.data.DataError` (bad input) ends the job with its message and status 1;
     a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
     """
-    from sr_ray.core.errors import DataError
     from sr_ray.core.parquet import data_error_of
 
     setup_logging()
@@ -78,7 +77,7 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # bad data, possibly raised in a Ray task and wrapped: its message, not a traceback
-        err = e if isinstance(e, DataError) and not hasattr(e, "cause") else data_error_of(e)
+        err = data_error_of(e)
         if err is None:
             raise
         sys.exit(f"data error: {err}")  # to stderr, status 1

@@ -411,7 +411,7 @@ def _pack_shard(t: pa.Table, out: str, cfg_d: dict) -> pa.Table:
 
     def fetch(u):
         try:
-            if not u or not (storage.is_s3(u) or u.startswith("/") or "://" in u):
+            if not u or not storage.is_absolute(u):
                 raise images.BadImage(f"image_uri {u!r} is not absolute (a local path from / or s3://)")
             if "://" in u and not storage.is_s3(u):
                 storage.resolve(u, endpoint)  # raises ValueError naming the scheme (https://, gs://)

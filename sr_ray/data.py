@@ -76,10 +76,14 @@ class DataConfig:
 @dataclass
 class SplitInfo:
     uri: str
-    files: list[str]   # the filesystem's own paths
     rows: int
     form: str  # "packed" | "paths"
     parquet: list[parquet.ParquetFile] = field(default_factory=list, repr=False)
+
+    @property
+    def files(self) -> list[str]:
+        """The filesystem's own paths of the split's files."""
+        return [f.path for f in self.parquet]
 
     def identity(self) -> list[dict[str, Any]]:
         """The identity of every file (URI, size, mtime): what a resumed run must find unchanged."""
@@ -87,7 +91,7 @@ class SplitInfo:
 
 
 def _image_uri(value: str, image_root: str | None) -> str:
-    if storage.is_s3(value) or value.startswith("/") or "://" in value or not image_root:
+    if storage.is_absolute(value) or not image_root:
         return value
     return storage.join(image_root, value)
 
@@ -116,7 +120,7 @@ def split_info(split: str, uri: str, cfg: DataConfig) -> SplitInfo:
     rows = sum(f.rows for f in files)
     if rows == 0:
         raise DataError(f"{what}={storage.redact(uri)}: the dataset is empty (0 rows in {len(files)} file(s))")
-    return SplitInfo(uri=uri, files=[f.path for f in files], rows=rows, form=form, parquet=files)
+    return SplitInfo(uri=uri, rows=rows, form=form, parquet=files)
 
 
 def _sample_rows(split: str, info: SplitInfo, cfg: DataConfig, cols: list[str]) -> tuple[dict, str]:
@@ -176,7 +180,7 @@ def read_image_bytes(uri: str | None, image_root: str | None, endpoint: str | No
         raise images.BadImage("empty image path")
     if not isinstance(uri, str):
         raise images.BadImage(f"image path is {type(uri).__name__}, not text")
-    if not image_root and not (uri.startswith("/") or "://" in uri):
+    if not image_root and not storage.is_absolute(uri):
         raise images.BadImage(f"relative image path {uri!r} and no image_root to resolve it against")
     full = _image_uri(uri, image_root)
     try:

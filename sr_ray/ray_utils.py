@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -83,18 +84,6 @@ def _pack(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> lis
     return left
 
 
-def _counts(bundles: list[dict[str, float]]) -> list[tuple[dict[str, float], int]]:
-    out: list[tuple[dict[str, float], int]] = []
-    for b in bundles:
-        for i, (seen, n) in enumerate(out):
-            if seen == b:
-                out[i] = (seen, n + 1)
-                break
-        else:
-            out.append((b, 1))
-    return out
-
-
 def check_resources(bundles: list[dict[str, float]], what: str, fixed: bool, wait_s: float = 300.0) -> None:
     """The bundles (each Train worker's or one actor's resources) must fit the cluster's nodes together.
 
@@ -116,7 +105,7 @@ def check_resources(bundles: list[dict[str, float]], what: str, fixed: bool, wai
     if not missing:
         return
     total = {k: sum(n.get(k, 0.0) for n in nodes()) for k in ("CPU", "GPU")}
-    shown = ", ".join(f"{n} x {b}" for b, n in _counts(bundles))
+    shown = ", ".join(f"{n} x {dict(b)}" for b, n in collections.Counter(tuple(b.items()) for b in bundles).items())
     msg = (f"{what} need {shown}, which do not fit this Ray cluster's nodes (CPU {total['CPU']:g}, "
            f"GPU {total['GPU']:g} in all; {len(missing)} of them would wait for ever)")
     if fixed:

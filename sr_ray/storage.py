@@ -108,6 +108,20 @@ def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def is_absolute(uri: str) -> bool:
+    """A local path from / or a URI with a scheme (s3://, and others that :func:`resolve` then refuses)."""
+    return str(uri).startswith("/") or "://" in str(uri)
+
+
+def remove_file(uri: str, endpoint: str | None = None) -> None:
+    """Delete one file (local or s3://); nothing when it is not there."""
+    fs, path = resolve(uri, endpoint)
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "s3://" + posixpath.join(uri[len("s3://"):].rstrip("/"), *parts)

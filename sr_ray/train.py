@@ -444,9 +444,7 @@ def check_config(cfg: TrainRewardConfig) -> None:
 
 def run_identity(cfg: TrainRewardConfig, infos: dict) -> dict[str, Any]:
     """What a run is: its settings (less the OPERATIONAL keys) and every data file's URI, size and mtime."""
-    flat = identity.flatten(to_dict(cfg))
-    drop = set(OPERATIONAL) | {"run.name", "run.storage_path"}
-    return {"config": {k: v for k, v in flat.items() if k not in drop},
+    return {"config": identity.config_identity(to_dict(cfg), OPERATIONAL),
             "data": {split: info.identity() for split, info in infos.items()}}
 
 
@@ -502,7 +500,7 @@ def fit(cfg: TrainRewardConfig, infos: dict, steps: int, callbacks: list | None)
         fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
     rdir = run_dir(cfg)
     error_file = storage.join(rdir, DATA_ERROR_FILE)
-    _remove(error_file, cfg.data.s3_endpoint)  # a stale one from an earlier attempt
+    storage.remove_file(error_file, cfg.data.s3_endpoint)  # a stale one from an earlier attempt
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": steps, "run_dir": rdir, "splits": list(datasets)},
@@ -524,14 +522,6 @@ def fit(cfg: TrainRewardConfig, infos: dict, steps: int, callbacks: list | None)
     if storage.exists(error_file, cfg.data.s3_endpoint):
         raise DataError(storage.read_bytes(error_file, cfg.data.s3_endpoint).decode())
     return result, fs, time.perf_counter() - t0
-
-
-def _remove(uri: str, endpoint: str | None) -> None:
-    fs, path = storage.resolve(uri, endpoint)
-    try:
-        fs.delete_file(path)
-    except (FileNotFoundError, OSError):
-        pass
 
 
 def summarize(cfg: TrainRewardConfig, infos: dict, result, fs, wall: float, score_test: bool) -> dict[str, Any]:

@@ -36,6 +36,13 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def config_identity(cfg_dict: Mapping[str, Any], operational) -> dict[str, Any]:
+    """A job config as dotted keys, less the ``operational`` ones (where and how fast it runs, how it reports):
+    what a resumed run must have unchanged. ``run.name`` and ``run.storage_path`` name the run itself."""
+    drop = set(operational) | {"run.name", "run.storage_path"}
+    return {k: v for k, v in flatten(cfg_dict).items() if k not in drop}
+
+
 def describe(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 

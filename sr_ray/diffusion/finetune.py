@@ -43,6 +43,7 @@ log = logging.getLogger("sr_ray.finetune")
 
 STATE_FILE = "train_state.pt"
 DS_TAG = "ds"
+FAULT_MARKER = ".fault_injected"
 IDENTITY_FILE = "run_identity.json"
 # keys a resumed run may change: where and how fast it runs, how it reports; not what it learns
 OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.overwrite",
@@ -70,7 +71,6 @@ def weights_only_checkpoint_engine(engine):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return WeightsOnly(engine._config)
-FAULT_MARKER = ".fault_injected"
 
 
 @dataclass
@@ -473,7 +473,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sr_ray.train import absolute_storage, run_dir
+    from sr_ray.train import absolute_storage, run_dir, worker_bundle
 
     check_model(cfg.model)
     storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
@@ -498,22 +498,18 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     if spe < 1:
         raise DataError(f"data.train has {info.rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
     rdir = run_dir(cfg)
-    run = {k: v for k, v in identity.flatten(to_dict(cfg)).items()
-           if k not in set(OPERATIONAL) | {"run.name", "run.storage_path"}}
-    identity.claim(rdir, IDENTITY_FILE, {"config": run, "data": info.identity},
+    identity.claim(rdir, IDENTITY_FILE, {"config": identity.config_identity(to_dict(cfg), OPERATIONAL),
+                                         "data": info.identity},
                    f"run.name={cfg.run.name}", "run.overwrite=true", cfg.run.overwrite, cfg.data.s3_endpoint)
     storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
     log.info("[finetune] run dir %s; fine-tune set %s: %d rows %s", rdir, uri, info.rows, info.sources)
 
     fixed = init_ray(cfg.run.ray_address)
-    check_resources([{"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker}
-                                                             if cfg.scaling.use_gpu else {})}] * cfg.scaling.num_workers,
+    check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers,
                     "the fine-tuning workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker)",
                     fixed=fixed)
     dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
+    resources = worker_bundle(cfg.scaling)
     fs, storage_path = None, cfg.run.storage_path
     if storage.is_s3(storage_path):
         fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
