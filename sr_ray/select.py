@@ -370,29 +370,27 @@ def _check_out(cfg: SelectConfig, settings: dict) -> None:
         storage.write_text(marker, json.dumps(settings, indent=1), cfg.s3_endpoint)
 
 
-def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
-    """Best/worst per prompt + regularization -> shuffled fine-tune shards and a report; returns the summary."""
-    import ray
-    import ray.data
+@dataclass
+class _Inputs:
+    scores: str
+    score_files: list
+    generations: str
+    gen_files: list
+    reg_uri: str | None
+    reg_files: list
+    rows: int
 
-    from sr_ray.ray_utils import init_ray
 
-    t0 = time.perf_counter()
+def _inputs(cfg: SelectConfig) -> _Inputs:
+    """Scores, their generations and the regularization set, every file checked (the demo's made when missing)."""
     endpoint = cfg.s3_endpoint
-    demo = cfg.scores is None
-    if cfg.regularization is None and not demo and cfg.regularization_ratio > 0:
-        raise ConfigError("regularization: give the regularization set (caption + image/image_uri Parquet), "
-                          "or set regularization_ratio=0 to select without one")
-    init_ray(cfg.ray_address)
-    scores = _demo_scores(cfg) if demo else cfg.scores
-    score_inputs = parquet.inputs(scores, "scores", ["generation_id", "prompt", "score"], endpoint=endpoint,
-                                  kinds={"prompt": "string", "generation_id": "id"})
-    score_files, rows = [f.path for f in score_inputs], sum(f.rows for f in score_inputs)
+    scores = _demo_scores(cfg) if cfg.scores is None else cfg.scores
+    score_files = parquet.inputs(scores, "scores", ["generation_id", "prompt", "score"], endpoint=endpoint,
+                                 kinds={"prompt": "string", "generation_id": "id"})
     generations = _generations_of(cfg, scores)
-    gen_inputs = parquet.inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
-                                {"image": "binary", "image_uri": "string"}, endpoint)
-    gen_files = [f.path for f in gen_inputs]
-    reg_uri = None
+    gen_files = parquet.inputs(generations, "generations", ["generation_id"], ["image", "image_uri"],
+                               {"image": "binary", "image_uri": "string"}, endpoint)
+    reg_uri, reg_files = None, []
     if cfg.regularization_ratio > 0:
         if cfg.regularization is None:
             from sr_ray.demo import ensure_demo_regularization
@@ -400,59 +398,65 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
             reg_uri = ensure_demo_regularization(cfg.demo)
         else:
             reg_uri = cfg.regularization
-        reg_inputs = parquet.inputs(reg_uri, "regularization", ["caption"], ["image", "image_uri"],
-                                    {"image": "binary", "image_uri": "string", "caption": "string"}, endpoint)
-    sfs, _ = storage.resolve(scores, endpoint)
-    log.info("[select] %d scored generations in %d shard(s) under %s", rows, len(score_files), scores)
+        reg_files = parquet.inputs(reg_uri, "regularization", ["caption"], ["image", "image_uri"],
+                                   {"image": "binary", "image_uri": "string", "caption": "string"}, endpoint)
+    return _Inputs(scores, score_files, generations, gen_files, reg_uri, reg_files,
+                   sum(f.rows for f in score_files))
 
-    # pass 1: best and worst per prompt
+
+def _pick(cfg: SelectConfig, inp: _Inputs) -> dict[str, Any]:
+    """Pass 1: best and worst per prompt, and which prompts are kept (enough images, gap above the margin)."""
     t = time.perf_counter()
-    per = pick_per_prompt(score_files, sfs, rows)
+    sfs, _ = storage.resolve(inp.scores, cfg.s3_endpoint)
+    per = pick_per_prompt([f.path for f in inp.score_files], sfs, inp.rows)
     if per is None:
-        raise DataError(f"scores={scores}: no scored rows")
+        raise DataError(f"scores={inp.scores}: no scored rows")
     n_img = per.column("images").to_numpy()
     best_s, worst_s = per.column("best_score").to_numpy(), per.column("worst_score").to_numpy()
     enough = n_img >= cfg.min_images
     gap = best_s - worst_s
     chosen = enough & (gap > cfg.margin)
     sel = per.filter(pa.array(chosen))
-    n_sel = 2 * len(sel)
     log.info("[select] pass 1 (best/worst per prompt): %d prompts, %d with >= %d images, %d selected (%.1fs)",
              len(per), int(enough.sum()), cfg.min_images, len(sel), time.perf_counter() - t)
+    return {"per": per, "sel": sel, "n_img": n_img, "best_s": best_s, "worst_s": worst_s, "enough": enough,
+            "gap": gap, "chosen": chosen}
 
-    # the plan: every output row's id, prompt, source, score, shard and place in it
+
+def _regularization_plan(cfg: SelectConfig, reg_files: list, n_sel: int) -> tuple[list[tuple[str, int]], int, int]:
+    """(file, row) of every regularization row to use (seeded, without replacement), rows asked, rows there."""
     n_reg_want = int(round(cfg.regularization_ratio * n_sel))
-    reg_plan: list[tuple[str, int]] = []
-    reg_available = 0
-    if n_reg_want:
-        sizes = [f.rows for f in reg_inputs]
-        reg_available = int(sum(sizes))
-        if reg_available < n_reg_want:
-            log.warning("[select] regularization set has %d rows, fewer than the %d asked for (ratio %g): "
-                        "using all of them", reg_available, n_reg_want, cfg.regularization_ratio)
-        picks = np.sort(np.random.default_rng(cfg.seed).choice(reg_available, min(n_reg_want, reg_available),
-                                                               replace=False))
-        starts = np.cumsum([0] + sizes)
-        fi = np.searchsorted(starts, picks, side="right") - 1
-        reg_plan = [(reg_inputs[f].path, int(r - starts[f])) for f, r in zip(fi, picks)]
-    total = n_sel + len(reg_plan)
-    n_shards = max(1, math.ceil(total / cfg.rows_per_shard))
-    settings = {"scores": scores, "generations": generations, "regularization": reg_uri,
-                "min_images": cfg.min_images, "margin": cfg.margin, "token": with_token("{prompt}", cfg),
-                "regularization_ratio": cfg.regularization_ratio, "seed": cfg.seed, "shards": n_shards,
-                "rows_per_shard": cfg.rows_per_shard,
-                # the files as they are now: re-scored scores (same folder, new content) are other inputs
-                "inputs": {"scores": [f.identity() for f in score_inputs],
-                           "generations": [f.identity() for f in gen_inputs],
-                           "regularization": [f.identity() for f in reg_inputs] if reg_uri else []}}
-    _check_out(cfg, settings)
-    present = storage.data_file_names(cfg.out, endpoint)
-    finished = {s for s in range(n_shards) if shard_name(s) in present}
+    if not n_reg_want:
+        return [], n_reg_want, 0
+    sizes = [f.rows for f in reg_files]
+    reg_available = int(sum(sizes))
+    if reg_available < n_reg_want:
+        log.warning("[select] regularization set has %d rows, fewer than the %d asked for (ratio %g): "
+                    "using all of them", reg_available, n_reg_want, cfg.regularization_ratio)
+    picks = np.sort(np.random.default_rng(cfg.seed).choice(reg_available, min(n_reg_want, reg_available),
+                                                           replace=False))
+    starts = np.cumsum([0] + sizes)
+    fi = np.searchsorted(starts, picks, side="right") - 1
+    return [(reg_files[f].path, int(r - starts[f])) for f, r in zip(fi, picks)], n_reg_want, reg_available
 
+
+def _settings(cfg: SelectConfig, inp: _Inputs, n_shards: int) -> dict[str, Any]:
+    return {"scores": inp.scores, "generations": inp.generations, "regularization": inp.reg_uri,
+            "min_images": cfg.min_images, "margin": cfg.margin, "token": with_token("{prompt}", cfg),
+            "regularization_ratio": cfg.regularization_ratio, "seed": cfg.seed, "shards": n_shards,
+            "rows_per_shard": cfg.rows_per_shard,
+            # the files as they are now: re-scored scores (same folder, new content) are other inputs
+            "inputs": {"scores": [f.identity() for f in inp.score_files],
+                       "generations": [f.identity() for f in inp.gen_files],
+                       "regularization": [f.identity() for f in inp.reg_files]}}
+
+
+def _generation_plan(cfg: SelectConfig, sel: pa.Table, n_shards: int, finished: set[int]) -> pa.Table:
+    """Every selected best/worst row's id, prompt (the worst with the token), source, score, shard and place."""
     ids = sel.column("best_id").to_pylist() + sel.column("worst_id").to_pylist()
     prompts = sel.column("prompt").to_pylist()
     keys = [row_key(cfg.seed, g) for g in ids]
-    gen_plan = pa.table({
+    plan = pa.table({
         "generation_id": pa.array(ids, pa.string()),
         "prompt": pa.array(prompts + [with_token(p, cfg) for p in prompts], pa.string()),
         "source": pa.array(["best"] * len(sel) + ["worst"] * len(sel), pa.string()),
@@ -460,71 +464,110 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
                           .astype(np.float32)),
         "shard": pa.array([k % n_shards for k in keys], pa.int64()),
         "order": pa.array(keys, pa.int64())})
-    gen_plan = gen_plan.filter(pc.invert(pc.is_in(gen_plan.column("shard"), pa.array(sorted(finished), pa.int64()))))
-    reg_items: dict[str, dict[str, list]] = {}
+    return plan.filter(pc.invert(pc.is_in(plan.column("shard"), pa.array(sorted(finished), pa.int64()))))
+
+
+def _regularization_items(cfg: SelectConfig, reg_plan, n_shards: int, finished: set[int]) -> dict[str, dict]:
+    """The regularization rows of unfinished shards, grouped by file: rows, ids, shards and places."""
+    items: dict[str, dict[str, list]] = {}
     for path, r in reg_plan:
         ident = f"reg:{posixpath.splitext(posixpath.basename(path))[0]}:{r}"
         k = row_key(cfg.seed, ident)
         if k % n_shards in finished:
             continue
-        it = reg_items.setdefault(path, {"path": path, "rows": [], "ids": [], "shards": [], "orders": []})
+        it = items.setdefault(path, {"path": path, "rows": [], "ids": [], "shards": [], "orders": []})
         it["rows"].append(r)
         it["ids"].append(ident)
         it["shards"].append(k % n_shards)
         it["orders"].append(k)
+    return items
 
-    # pass 2: image bytes, shuffle by shard, validate, write
+
+def _write_shards(cfg: SelectConfig, inp: _Inputs, gen_plan: pa.Table, reg_items: dict, todo: int) -> list[dict]:
+    """Pass 2: image bytes attached, grouped by shard, validated and written; the stats of each shard written."""
+    import ray
+    import ray.data
+
     t = time.perf_counter()
-    stats = []
-    todo = n_shards - len(finished)
-    if todo:
-        gfs, _ = storage.resolve(generations, endpoint)
-        flight = ray.data.read_parquet(gen_files, filesystem=gfs).map_batches(
-            _attach_generations, batch_format="pyarrow", batch_size=cfg.batch_rows,
-            fn_kwargs={"plan": ray.put(gen_plan), "image_root": cfg.image_root, "endpoint": endpoint})
-        if reg_items:
-            items = [it for it in reg_items.values()]
-            chunked = [{**{k: it[k][i:i + cfg.batch_rows] for k in ("rows", "ids", "shards", "orders")},
-                        "path": it["path"]} for it in items for i in range(0, len(it["rows"]), cfg.batch_rows)]
-            reg_ds = ray.data.from_items(chunked).map_batches(
-                _read_regularization, batch_format="pyarrow", batch_size=1,
-                fn_kwargs={"image_root": cfg.image_root, "endpoint": endpoint, "files_uri": reg_uri})
-            flight = flight.union(reg_ds)
-        packed = flight.groupby("shard", num_partitions=max(1, min(todo, 64))).map_groups(
-            _pack_shard, batch_format="pyarrow", fn_kwargs={"out": cfg.out, "endpoint": endpoint})
-        for b in packed.iter_batches(batch_format="pyarrow", batch_size=None):
-            stats += [json.loads(x) for x in b.column("stats").to_pylist()]
-            log.info("[select] %d/%d shards written (%.0fs)", len(stats), todo, time.perf_counter() - t)
-    resumed = []
-    for s in sorted(finished):
-        st = json.loads(storage.read_bytes(storage.join(cfg.out, "_shards", f"{s:05d}.json"), endpoint))
-        resumed.append(st)
-    all_stats = stats + resumed
-    bad: dict[str, str] = {}
-    for st in all_stats:
-        bad.update(st["bad_images"])
-    counts = {"scored_rows": rows, "prompts": len(per), "prompts_too_few_images": int((~enough).sum()),
-              "prompts_within_margin": int((enough & ~chosen).sum()), "prompts_selected": len(sel),
+    stats: list[dict] = []
+    if not todo:
+        return stats
+    endpoint = cfg.s3_endpoint
+    gfs, _ = storage.resolve(inp.generations, endpoint)
+    flight = ray.data.read_parquet([f.path for f in inp.gen_files], filesystem=gfs).map_batches(
+        _attach_generations, batch_format="pyarrow", batch_size=cfg.batch_rows,
+        fn_kwargs={"plan": ray.put(gen_plan), "image_root": cfg.image_root, "endpoint": endpoint})
+    if reg_items:
+        chunked = [{**{k: it[k][i:i + cfg.batch_rows] for k in ("rows", "ids", "shards", "orders")},
+                    "path": it["path"]} for it in reg_items.values() for i in range(0, len(it["rows"]), cfg.batch_rows)]
+        reg_ds = ray.data.from_items(chunked).map_batches(
+            _read_regularization, batch_format="pyarrow", batch_size=1,
+            fn_kwargs={"image_root": cfg.image_root, "endpoint": endpoint, "files_uri": inp.reg_uri})
+        flight = flight.union(reg_ds)
+    packed = flight.groupby("shard", num_partitions=max(1, min(todo, 64))).map_groups(
+        _pack_shard, batch_format="pyarrow", fn_kwargs={"out": cfg.out, "endpoint": endpoint})
+    for b in packed.iter_batches(batch_format="pyarrow", batch_size=None):
+        stats += [json.loads(x) for x in b.column("stats").to_pylist()]
+        log.info("[select] %d/%d shards written (%.0fs)", len(stats), todo, time.perf_counter() - t)
+    return stats
+
+
+def _report(cfg: SelectConfig, inp: _Inputs, pick: dict, all_stats: list[dict], bad: dict, n_shards: int,
+            skipped: int, n_reg_want: int, reg_available: int, t0: float) -> dict[str, Any]:
+    """report.json, report.md and the score-distribution plot beside the shards; returns the report."""
+    per, enough, chosen, gap = pick["per"], pick["enough"], pick["chosen"], pick["gap"]
+    best_s, worst_s, n_img = pick["best_s"], pick["worst_s"], pick["n_img"]
+    counts = {"scored_rows": inp.rows, "prompts": len(per), "prompts_too_few_images": int((~enough).sum()),
+              "prompts_within_margin": int((enough & ~chosen).sum()), "prompts_selected": len(pick["sel"]),
               "unscored_rows": int(pc.sum(per.column("unscored")).as_py() or 0),
               **{s: sum(st[s] for st in all_stats) for s in SOURCES}, "rows": sum(st["rows"] for st in all_stats),
               "regularization_requested": n_reg_want, "regularization_available": reg_available,
               "bad_images": len(bad)}
-    planned = total
     report = {
-        "out": cfg.out, "scores": scores, "generations": generations, "regularization": reg_uri,
-        "shards": n_shards, "shards_skipped": len(finished), "counts": counts,
+        "out": cfg.out, "scores": inp.scores, "generations": inp.generations, "regularization": inp.reg_uri,
+        "shards": n_shards, "shards_skipped": skipped, "counts": counts,
         "token_example": with_token("<prompt>", cfg),
         "score_distribution": {"best": _dist(best_s[chosen]), "worst": _dist(worst_s[chosen]),
                                "gap": _dist(gap[enough])},
         "images_per_prompt": {str(k): int(v) for k, v in zip(*np.unique(n_img, return_counts=True))},
         "bad_image_examples": dict(sorted(bad.items())[:20]), "config": to_dict(cfg),
         "wall_s": round(time.perf_counter() - t0, 1)}
+    endpoint = cfg.s3_endpoint
     storage.write_text(storage.join(cfg.out, "report.json"), json.dumps(report, indent=1), endpoint)
     storage.write_text(storage.join(cfg.out, "report.md"), markdown(report), endpoint)
     storage.write_bytes(storage.join(cfg.out, "score_distribution.png"),
                         plot(best_s[chosen], worst_s[chosen], gap[enough], cfg.margin), endpoint)
     log.info("[select] %d rows (best %d, worst %d, regularization %d) in %d shards under %s; report.md beside them",
              counts["rows"], counts["best"], counts["worst"], counts["regularization"], n_shards, cfg.out)
+    return report
+
+
+def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
+    """Best/worst per prompt + regularization -> shuffled fine-tune shards and a report; returns the summary."""
+    from sr_ray.ray_utils import init_ray
+
+    t0 = time.perf_counter()
+    if cfg.regularization is None and cfg.scores is not None and cfg.regularization_ratio > 0:
+        raise ConfigError("regularization: give the regularization set (caption + image/image_uri Parquet), "
+                          "or set regularization_ratio=0 to select without one")
+    init_ray(cfg.ray_address)
+    inp = _inputs(cfg)
+    log.info("[select] %d scored generations in %d shard(s) under %s", inp.rows, len(inp.score_files), inp.scores)
+    pick = _pick(cfg, inp)
+    n_sel = 2 * len(pick["sel"])
+    reg_plan, n_reg_want, reg_available = _regularization_plan(cfg, inp.reg_files, n_sel)
+    planned = n_sel + len(reg_plan)
+    n_shards = max(1, math.ceil(planned / cfg.rows_per_shard))
+    _check_out(cfg, _settings(cfg, inp, n_shards))
+    present = storage.data_file_names(cfg.out, cfg.s3_endpoint)
+    finished = {s for s in range(n_shards) if shard_name(s) in present}
+    stats = _write_shards(cfg, inp, _generation_plan(cfg, pick["sel"], n_shards, finished),
+                          _regularization_items(cfg, reg_plan, n_shards, finished), n_shards - len(finished))
+    resumed = [json.loads(storage.read_bytes(storage.join(cfg.out, "_shards", f"{s:05d}.json"), cfg.s3_endpoint))
+               for s in sorted(finished)]
+    all_stats = stats + resumed
+    bad = {g: r for st in all_stats for g, r in st["bad_images"].items()}
+    report = _report(cfg, inp, pick, all_stats, bad, n_shards, len(finished), n_reg_want, reg_available, t0)
     if planned and len(bad) / planned > cfg.max_bad_image_rate:
         ex = "; ".join(f"{g}: {r}" for g, r in list(sorted(bad.items()))[:5])
         raise DataError(f"{len(bad)} of {planned} images are unusable (> max_bad_image_rate="

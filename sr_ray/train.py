@@ -260,164 +260,221 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    from torch.utils.tensorboard import SummaryWriter
+    worker = _RewardWorker(config)
+    worker.run()
+    worker.close()
 
-    worker_prints_to_stderr()
-    setup_logging()
-    cfg = from_dict(TrainRewardConfig, config["cfg"])
-    steps_per_epoch, rdir = int(config["steps_per_epoch"]), config["run_dir"]
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    per_worker = cfg.optim.batch_size // world
-    _seed_all(cfg.optim.seed)
-    device = ray.train.torch.get_device()
-    use_bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto" and device.type == "cuda")
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+class _RewardWorker:
+    """One Ray Train worker: its state, and the loop as named steps (build, resume, train, report)."""
 
-    model = RewardModel(build_clip(cfg.model))
-    trainable, total = count_params(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("nothing to train: model.unfreeze_vision_blocks and model.unfreeze_text_blocks are both 0")
-    optim = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
-    step, best_acc, resumed_from = 0, float("-inf"), None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+
+        worker_prints_to_stderr()
+        setup_logging()
+        self.cfg = cfg = from_dict(TrainRewardConfig, config["cfg"])
+        self.steps_per_epoch, self.rdir = int(config["steps_per_epoch"]), config["run_dir"]
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.per_worker = cfg.optim.batch_size // self.world
+        _seed_all(cfg.optim.seed)
+        self.device = ray.train.torch.get_device()
+        self.use_bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto"
+                                                            and self.device.type == "cuda")
+        model = self._build()
+        self._resume(model)
+        self.model = ray.train.torch.prepare_model(model)  # device + DDP when world > 1
+        self.core: RewardModel = self.model.module if hasattr(self.model, "module") else self.model
+        self.reducer = Reducer(self.device)
+        self._open_tensorboard()
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val") if "val" in config.get("splits", ["val"]) else None
+        self.bad = self.seen = 0.0
+        self.train_time, self.wait, self.done_since_log, self.window_t0 = 0.0, 0.0, 0, time.perf_counter()
+        self.steps_at_start = self.step
+        self.last_loss = float("nan")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _build(self) -> RewardModel:
+        """The model (frozen per config), its AdamW over the trainable parameters and the LR schedule."""
+        cfg = self.cfg
+        model = RewardModel(build_clip(cfg.model))
+        self.trainable, self.total = count_params(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("nothing to train: model.unfreeze_vision_blocks and model.unfreeze_text_blocks are "
+                              "both 0")
+        self.optim = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optim, lambda s: lr_factor(s, self.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+        return model
+
+    def _resume(self, model: RewardModel) -> None:
+        """Weights, optimizer, schedule, step and RNG from Ray Train's latest checkpoint, when there is one."""
+        import ray.train
+
+        self.step, self.best_acc, self.resumed_from = 0, float("-inf"), None
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return
         with ckpt.as_directory() as d:
             blob = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
             model.clip.load_state_dict(blob["state_dict"], strict=blob["full"])
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, best_acc = state["step"], state["best_val_pairwise_accuracy"]
-        resumed_from = step
+        self.optim.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step, self.best_acc = state["step"], state["best_val_pairwise_accuracy"]
+        self.resumed_from = self.step
         torch.set_rng_state(state["torch_rng"])
-        if rank == 0:
-            log.info("[train] resumed from checkpoint at step %d/%d", step, total_steps)
-    model = ray.train.torch.prepare_model(model)  # device + DDP when world > 1
-    core: RewardModel = model.module if hasattr(model, "module") else model
-    reducer = Reducer(device)
+        if self.rank == 0:
+            log.info("[train] resumed from checkpoint at step %d/%d", self.step, self.total_steps)
 
-    writer = None
-    local_tb = None
-    if rank == 0:
-        local_tb = (Path(rdir) / "tensorboard") if not storage.is_s3(rdir) else Path(tempfile.mkdtemp()) / "tensorboard"
-        writer = SummaryWriter(str(local_tb), purge_step=step if step else None)
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = self.local_tb = None
+        if self.rank != 0:
+            return
+        rdir = self.rdir
+        self.local_tb = (Path(rdir) / "tensorboard") if not storage.is_s3(rdir) \
+            else Path(tempfile.mkdtemp()) / "tensorboard"
+        self.writer = SummaryWriter(str(self.local_tb), purge_step=self.step if self.step else None)
         log.info("[train] %d workers, %s, bf16=%s, trainable %d / %d params, %d steps (%d/epoch), global batch %d",
-                 world, device, use_bf16, trainable, total, total_steps, steps_per_epoch, cfg.optim.batch_size)
+                 self.world, self.device, self.use_bf16, self.trainable, self.total, self.total_steps,
+                 self.steps_per_epoch, self.cfg.optim.batch_size)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if "val" in config.get("splits", ["val"]) else None
-    bad = seen = 0.0
-    train_time, wait, done_since_log, window_t0 = 0.0, 0.0, 0, time.perf_counter()
-    steps_at_start = step
-    last_loss = float("nan")
+    def _upload_tensorboard(self) -> None:
+        if self.local_tb is not None and storage.is_s3(self.rdir):
+            storage.upload_dir(self.local_tb, storage.join(self.rdir, "tensorboard"))
 
-    def report(epoch: int) -> None:
-        nonlocal best_acc
-        nbad, nseen = reducer.sum(bad, seen)
-        metrics: dict[str, Any] = {"step": step, "epoch": epoch, "train_loss": last_loss,
+    def report(self, epoch: int) -> None:
+        """Validate on all workers, then report metrics and (rank 0) a checkpoint to Ray Train."""
+        import ray.train
+
+        cfg = self.cfg
+        nbad, nseen = self.reducer.sum(self.bad, self.seen)
+        metrics: dict[str, Any] = {"step": self.step, "epoch": epoch, "train_loss": self.last_loss,
                                    "bad_rows": int(nbad), "rows_seen": int(nseen),
                                    # training steps only (data wait included, validation excluded)
-                                   "triplets_per_s": (step - steps_at_start) * cfg.optim.batch_size
-                                   / max(1e-9, train_time)}
-        if val_shard is not None:
-            metrics |= evaluate(core, val_shard, cfg, device, autocast, reducer, per_worker)
-            best_acc = max(best_acc, metrics["val_pairwise_accuracy"])
-        metrics["best_val_pairwise_accuracy"] = best_acc
-        if resumed_from is not None:
-            metrics["resumed_from_step"] = resumed_from
+                                   "triplets_per_s": (self.step - self.steps_at_start) * cfg.optim.batch_size
+                                   / max(1e-9, self.train_time)}
+        if self.val_shard is not None:
+            metrics |= evaluate(self.core, self.val_shard, cfg, self.device, self.autocast, self.reducer,
+                                self.per_worker)
+            self.best_acc = max(self.best_acc, metrics["val_pairwise_accuracy"])
+        metrics["best_val_pairwise_accuracy"] = self.best_acc
+        if self.resumed_from is not None:
+            metrics["resumed_from_step"] = self.resumed_from
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                save_model(tmp, core, cfg.model, full=cfg.run.save_full_model)
-                torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                            "best_val_pairwise_accuracy": best_acc, "torch_rng": torch.get_rng_state()},
-                           Path(tmp) / STATE_FILE)
-                Path(tmp, META_FILE).write_text(json.dumps(metrics, indent=1))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                for k in ("val_pairwise_accuracy", "val_loss"):
-                    if k in metrics:
-                        writer.add_scalar(k.replace("_", "/", 1), metrics[k], step)
-                writer.flush()
-                if local_tb is not None and storage.is_s3(rdir):
-                    storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
-                acc = metrics.get("val_pairwise_accuracy")
-                log.info("[val] step %d  pairwise accuracy %s  val loss %s", step,
-                         f"{acc:.4f}" if acc is not None else "n/a",
-                         f"{metrics['val_loss']:.4f}" if "val_loss" in metrics else "n/a")
+            checkpoint = self._save(tmp, metrics) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    model.train()
-    for epoch in range(step // steps_per_epoch if steps_per_epoch else 0, cfg.optim.epochs):
-        skip = step - epoch * steps_per_epoch
-        it = iter(train_shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+    def _save(self, tmp: str, metrics: dict[str, Any]):
+        """Rank 0: the checkpoint folder (model, optimizer state, metrics), TensorBoard and the [val] line."""
+        import ray.train
+
+        save_model(tmp, self.core, self.cfg.model, full=self.cfg.run.save_full_model)
+        torch.save({"optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step,
+                    "best_val_pairwise_accuracy": self.best_acc, "torch_rng": torch.get_rng_state()},
+                   Path(tmp) / STATE_FILE)
+        Path(tmp, META_FILE).write_text(json.dumps(metrics, indent=1))
+        for k in ("val_pairwise_accuracy", "val_loss"):
+            if k in metrics:
+                self.writer.add_scalar(k.replace("_", "/", 1), metrics[k], self.step)
+        self.writer.flush()
+        self._upload_tensorboard()
+        acc = metrics.get("val_pairwise_accuracy")
+        log.info("[val] step %d  pairwise accuracy %s  val loss %s", self.step,
+                 f"{acc:.4f}" if acc is not None else "n/a",
+                 f"{metrics['val_loss']:.4f}" if "val_loss" in metrics else "n/a")
+        return ray.train.Checkpoint.from_directory(tmp)
+
+    def _check_bad_rows(self) -> None:
+        all_bad, all_seen = self.reducer.sum(self.bad, self.seen)  # every worker takes the same decision
+        d = self.cfg.data
+        if all_seen >= d.min_rows_for_bad_rate and all_bad / all_seen > d.max_bad_row_rate:
+            raise StopForData(
+                f"{int(all_bad)} of {int(all_seen)} training rows ({all_bad / all_seen:.1%}) had an unusable "
+                f"image or prompt (or sat in an unreadable Parquet row group), more than "
+                f"data.max_bad_row_rate={d.max_bad_row_rate}; each skipped row and unreadable row "
+                f"group is named in the log")
+
+    def _inject_fault(self) -> None:
+        """``run.fail_at_step``: rank 0 exits once at that step (recovery tests)."""
+        marker = storage.join(self.rdir, FAULT_MARKER)
+        if self.cfg.run.fail_at_step and self.step == self.cfg.run.fail_at_step and self.rank == 0 \
+                and not storage.exists(marker):
+            storage.write_text(marker, f"worker killed at step {self.step}\n")
+            # Ray Train registers a reported checkpoint at the controller's next poll of the
+            # workers (every 2 s by default); a worker that dies sooner loses that report. Wait
+            # past it so the fault models a crash some time after the last checkpoint.
+            time.sleep(5)
+            log.warning("[train] fault injection: worker exits at step %d", self.step)
+            os._exit(1)
+
+    def _log_progress(self, epoch: int) -> None:
+        cfg, step = self.cfg, self.step
+        if self.rank != 0 or not (step % cfg.run.log_every_steps == 0 or step == self.total_steps):
+            return
+        dt = time.perf_counter() - self.window_t0
+        tps = self.done_since_log * cfg.optim.batch_size / max(dt, 1e-9)
+        lr = self.sched.get_last_lr()[0]
+        for tag, value in (("train/loss", self.last_loss), ("train/lr", lr), ("train/triplets_per_s", tps),
+                           ("train/data_wait_fraction", self.wait / max(dt, 1e-9)), ("train/bad_rows", self.bad)):
+            self.writer.add_scalar(tag, value, step)
+        log.info("[train] epoch %d/%d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f triplets/s  "
+                 "data wait %.0f%%  bad rows %d  eta %s", epoch + 1, cfg.optim.epochs, step, self.total_steps,
+                 100 * step / self.total_steps, self.last_loss, lr, tps, 100 * self.wait / max(dt, 1e-9),
+                 int(self.bad), _fmt_eta((self.total_steps - step) * dt / max(self.done_since_log, 1)))
+        self.wait, self.done_since_log, self.window_t0 = 0.0, 0, time.perf_counter()
+
+    def _epoch(self, epoch: int) -> None:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        skip = self.step - epoch * spe
+        it = iter(self.train_shard.iter_torch_batches(
+            batch_size=self.per_worker, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.optim.seed + epoch + 1000 * rank if cfg.data.shuffle_buffer else None))
-        for i in range(steps_per_epoch):
+            local_shuffle_seed=cfg.optim.seed + epoch + 1000 * self.rank if cfg.data.shuffle_buffer else None))
+        for i in range(spe):
             t0 = time.perf_counter()
             batch = next(it, None)
-            wait += time.perf_counter() - t0
+            self.wait += time.perf_counter() - t0
             if batch is None:
-                raise DataError(f"train shard of worker {rank} ran out after {i} of {steps_per_epoch} batches")
+                raise DataError(f"train shard of worker {self.rank} ran out after {i} of {spe} batches")
             if i < skip:
                 continue  # resuming mid-epoch: these batches were trained on before the checkpoint
-            tokens, pos, neg, pids, valid = _batch_to(batch, device)
-            bad += float((~valid).sum())
-            seen += float(valid.numel())
-            all_bad, all_seen = reducer.sum(bad, seen)  # every worker takes the same decision
-            if all_seen >= cfg.data.min_rows_for_bad_rate and all_bad / all_seen > cfg.data.max_bad_row_rate:
-                raise StopForData(
-                    f"{int(all_bad)} of {int(all_seen)} training rows ({all_bad / all_seen:.1%}) had an unusable "
-                    f"image or prompt (or sat in an unreadable Parquet row group), more than "
-                    f"data.max_bad_row_rate={cfg.data.max_bad_row_rate}; each skipped row and unreadable row "
-                    f"group is named in the log")
-            last_loss = train_step(model, (tokens, pos, neg, pids, valid), cfg.loss, optim, params,
-                                   cfg.optim.grad_clip, autocast)
-            sched.step()
-            step += 1
-            done_since_log += 1
-            train_time += time.perf_counter() - t0
-            if cfg.run.fail_at_step and step == cfg.run.fail_at_step and rank == 0 \
-                    and not storage.exists(storage.join(rdir, FAULT_MARKER)):
-                storage.write_text(storage.join(rdir, FAULT_MARKER), f"worker killed at step {step}\n")
-                # Ray Train registers a reported checkpoint at the controller's next poll of the
-                # workers (every 2 s by default); a worker that dies sooner loses that report. Wait
-                # past it so the fault models a crash some time after the last checkpoint.
-                time.sleep(5)
-                log.warning("[train] fault injection: worker exits at step %d", step)
-                os._exit(1)
-            if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total_steps):
-                dt = time.perf_counter() - window_t0
-                tps = done_since_log * cfg.optim.batch_size / max(dt, 1e-9)
-                lr = sched.get_last_lr()[0]
-                writer.add_scalar("train/loss", last_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/triplets_per_s", tps, step)
-                writer.add_scalar("train/data_wait_fraction", wait / max(dt, 1e-9), step)
-                writer.add_scalar("train/bad_rows", bad, step)
-                log.info("[train] epoch %d/%d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f triplets/s  "
-                         "data wait %.0f%%  bad rows %d  eta %s", epoch + 1, cfg.optim.epochs, step, total_steps,
-                         100 * step / total_steps, last_loss, lr, tps, 100 * wait / max(dt, 1e-9), int(bad),
-                         _fmt_eta((total_steps - step) * dt / max(done_since_log, 1)))
-                wait, done_since_log, window_t0 = 0.0, 0, time.perf_counter()
-            end_of_epoch = i == steps_per_epoch - 1
-            if end_of_epoch or (cfg.run.val_every_steps and step % cfg.run.val_every_steps == 0):
-                report(epoch)
+            tokens, pos, neg, pids, valid = _batch_to(batch, self.device)
+            self.bad += float((~valid).sum())
+            self.seen += float(valid.numel())
+            self._check_bad_rows()
+            self.last_loss = train_step(self.model, (tokens, pos, neg, pids, valid), cfg.loss, self.optim,
+                                        self.params, cfg.optim.grad_clip, self.autocast)
+            self.sched.step()
+            self.step += 1
+            self.done_since_log += 1
+            self.train_time += time.perf_counter() - t0
+            self._inject_fault()
+            self._log_progress(epoch)
+            if i == spe - 1 or (cfg.run.val_every_steps and self.step % cfg.run.val_every_steps == 0):
+                self.report(epoch)
         del it
-    if writer is not None:
-        writer.close()
-        if local_tb is not None and storage.is_s3(rdir):
-            storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
+
+    def run(self) -> None:
+        self.model.train()
+        first = self.step // self.steps_per_epoch if self.steps_per_epoch else 0
+        for epoch in range(first, self.cfg.optim.epochs):
+            self._epoch(epoch)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self._upload_tensorboard()
 
 
 def check_config(cfg: TrainRewardConfig) -> None:

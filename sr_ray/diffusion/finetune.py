@@ -268,204 +268,257 @@ def save_pipeline(parts: dict[str, Any], denoiser: Denoiser, uri: str) -> None:
 
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker loop. ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
-    import ray.train
-    import ray.train.torch
-    from torch.utils.tensorboard import SummaryWriter
+    worker = _FinetuneWorker(config)
+    worker.run()
+    worker.finish()
 
-    worker_prints_to_stderr()
-    setup_logging()
-    cfg = from_dict(FinetuneSDConfig, config["cfg"])
-    spe, rdir = int(config["steps_per_epoch"]), config["run_dir"]
-    total = cfg.optim.max_steps or spe * cfg.optim.epochs
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    per_worker = cfg.optim.batch_size // world
-    torch.manual_seed(cfg.optim.seed + rank)
-    device = ray.train.torch.get_device()
-    bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and device.type == "cuda")
 
-    parts = load_components(cfg.model)
-    counts = freeze(parts, cfg.optim)
-    vae, scheduler = parts["vae"].to(device, torch.bfloat16 if bf16 else torch.float32), parts["noise_scheduler"]
-    denoiser = Denoiser(parts["unet"], parts["text_encoder"])
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    warm = cfg.optim.warmup_steps
+class _FinetuneWorker:
+    """One Ray Train worker of the fine-tune: its state, and the loop as named steps."""
 
-    def lr_lambda(s: int) -> float:
-        return min(1.0, (s + 1) / warm) if warm else 1.0
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
 
-    ds_on = cfg.deepspeed.enabled
-    if ds_on and cfg.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        worker_prints_to_stderr()
+        setup_logging()
+        self.cfg = cfg = from_dict(FinetuneSDConfig, config["cfg"])
+        self.spe, self.rdir = int(config["steps_per_epoch"]), config["run_dir"]
+        self.total = cfg.optim.max_steps or self.spe * cfg.optim.epochs
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.per_worker = cfg.optim.batch_size // self.world
+        torch.manual_seed(cfg.optim.seed + self.rank)
+        self.device = ray.train.torch.get_device()
+        self.bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto"
+                                                          and self.device.type == "cuda")
+        self._build()
+        self._resume()
+        self._open_tensorboard()
+        self.reduce = Reducer(self.device).sum
+        self.bad = self.seen = 0.0
+        self.last_loss, self.t_train, self.since_log, self.t_log = float("nan"), 0.0, 0, time.perf_counter()
+        self.start_step = self.step
+        self.shard = ray.train.get_dataset_shard("train")
 
-        optim = DeepSpeedCPUAdam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                 weight_decay=cfg.optim.weight_decay)
-    else:
-        optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda)
-    if ds_on:
-        import deepspeed
+    def _build(self) -> None:
+        """Components (VAE frozen), the optimizer and schedule, wrapped by DeepSpeed or DDP."""
+        import ray.train.torch
 
-        engine, optim, _, sched = deepspeed.initialize(
-            model=denoiser, optimizer=optim, lr_scheduler=sched,
-            config=deepspeed_config(cfg, per_worker, bf16))
-        engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
-        model, core = engine, engine.module
-    else:
-        model = ray.train.torch.prepare_model(denoiser)
-        core = model.module if hasattr(model, "module") else model
-        engine = None
-    step, resumed_from = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            if engine is not None:
-                _, client = engine.load_checkpoint(d, tag=DS_TAG)
-                step = int(client["step"])
-            else:
-                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-                core.load_state_dict(state["model"])
-                optim.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                step = int(state["step"])
-        resumed_from = step
-        if rank == 0:
-            log.info("[finetune] resumed from checkpoint at step %d/%d", step, total)
+        cfg = self.cfg
+        self.parts = parts = load_components(cfg.model)
+        self.counts = freeze(parts, cfg.optim)
+        self.vae = parts["vae"].to(self.device, torch.bfloat16 if self.bf16 else torch.float32)
+        self.scheduler = parts["noise_scheduler"]
+        denoiser = Denoiser(parts["unet"], parts["text_encoder"])
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        warm = cfg.optim.warmup_steps
+        o = cfg.optim
+        if cfg.deepspeed.enabled and cfg.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    writer = local_tb = None
-    if rank == 0:
-        local_tb = Path(rdir) / "tensorboard" if not storage.is_s3(rdir) else Path(tempfile.mkdtemp()) / "tensorboard"
-        writer = SummaryWriter(str(local_tb), purge_step=step if step else None)
-        log.info("[finetune] %d workers, %s, %s, bf16=%s, trainable: unet %d, text encoder %d (vae %d), "
-                 "%d steps, global batch %d", world, device,
-                 f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if ds_on else "DDP", bf16, counts["unet"],
-                 counts["text_encoder"], counts["vae"], total, cfg.optim.batch_size)
-
-    def upload_tb() -> None:
-        if local_tb is not None and storage.is_s3(rdir):
-            storage.upload_dir(local_tb, storage.join(rdir, "tensorboard"))
-
-    def full_params():
-        """Whole weights on every rank for the block: ZeRO-3 partitions them (every rank must enter)."""
-        if engine is not None and cfg.deepspeed.zero_stage == 3:
+            optim = DeepSpeedCPUAdam(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay)
+        else:
+            optim = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.engine = None
+        if cfg.deepspeed.enabled:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(core.parameters()))
+            self.engine, optim, _, sched = deepspeed.initialize(
+                model=denoiser, optimizer=optim, lr_scheduler=sched,
+                config=deepspeed_config(cfg, self.per_worker, self.bf16))
+            self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine)
+            self.model, self.core = self.engine, self.engine.module
+        else:
+            self.model = ray.train.torch.prepare_model(denoiser)
+            self.core = self.model.module if hasattr(self.model, "module") else self.model
+        self.optim, self.sched = optim, sched
+
+    def _resume(self) -> None:
+        import ray.train
+
+        self.step, self.resumed_from = 0, None
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return
+        with ckpt.as_directory() as d:
+            if self.engine is not None:
+                _, client = self.engine.load_checkpoint(d, tag=DS_TAG)
+                self.step = int(client["step"])
+            else:
+                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+                self.core.load_state_dict(state["model"])
+                self.optim.load_state_dict(state["optimizer"])
+                self.sched.load_state_dict(state["scheduler"])
+                self.step = int(state["step"])
+        self.resumed_from = self.step
+        if self.rank == 0:
+            log.info("[finetune] resumed from checkpoint at step %d/%d", self.step, self.total)
+
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = self.local_tb = None
+        if self.rank != 0:
+            return
+        cfg, rdir, counts = self.cfg, self.rdir, self.counts
+        self.local_tb = Path(rdir) / "tensorboard" if not storage.is_s3(rdir) \
+            else Path(tempfile.mkdtemp()) / "tensorboard"
+        self.writer = SummaryWriter(str(self.local_tb), purge_step=self.step if self.step else None)
+        log.info("[finetune] %d workers, %s, %s, bf16=%s, trainable: unet %d, text encoder %d (vae %d), "
+                 "%d steps, global batch %d", self.world, self.device,
+                 f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "DDP", self.bf16,
+                 counts["unet"], counts["text_encoder"], counts["vae"], self.total, cfg.optim.batch_size)
+
+    def _upload_tensorboard(self) -> None:
+        if self.local_tb is not None and storage.is_s3(self.rdir):
+            storage.upload_dir(self.local_tb, storage.join(self.rdir, "tensorboard"))
+
+    def full_params(self):
+        """Whole weights on every rank for the block: ZeRO-3 partitions them (every rank must enter)."""
+        if self.engine is not None and self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.core.parameters()))
         return contextlib.nullcontext()
 
-    def samples() -> None:
-        with full_params():
-            if rank == 0:
-                imgs = sample_images(parts, core, cfg.run.sample_prompts, cfg.run.negative_prompt,
-                                     cfg.run.sample_steps, cfg.data.resolution, cfg.optim.seed, device)
-                writer.add_images("samples", imgs, step, dataformats="NCHW")
-                writer.add_text("samples/prompts", " | ".join(cfg.run.sample_prompts) +
-                                f"  (negative: {cfg.run.negative_prompt!r})", step)
+    def samples(self) -> None:
+        cfg = self.cfg
+        with self.full_params():
+            if self.rank == 0:
+                imgs = sample_images(self.parts, self.core, cfg.run.sample_prompts, cfg.run.negative_prompt,
+                                     cfg.run.sample_steps, cfg.data.resolution, cfg.optim.seed, self.device)
+                self.writer.add_images("samples", imgs, self.step, dataformats="NCHW")
+                self.writer.add_text("samples/prompts", " | ".join(cfg.run.sample_prompts) +
+                                     f"  (negative: {cfg.run.negative_prompt!r})", self.step)
 
-    bad = seen = 0.0
-    last_loss, t_train, since_log, t_log = float("nan"), 0.0, 0, time.perf_counter()
-    start_step = step
+    def checkpoint(self, epoch: int) -> None:
+        """Metrics summed over workers, and a checkpoint (every rank's ZeRO shard, or rank 0's state) to Ray Train."""
+        import ray.train
 
-    reduce = Reducer(device).sum
-    def checkpoint(epoch: int) -> None:
-        nbad, nseen, loss_sum = reduce(bad, seen, last_loss)
-        metrics = {"step": step, "epoch": epoch, "loss": loss_sum / world, "bad_rows": int(nbad),
-                   "trainable_params": counts,
-                   "rows_seen": int(nseen), "samples_per_s": (step - start_step) * cfg.optim.batch_size
-                   / max(t_train, 1e-9), "lr": sched.get_last_lr()[0]}
-        if resumed_from is not None:
-            metrics["resumed_from_step"] = resumed_from
-        if device.type == "cuda":
-            metrics["peak_gpu_mem_gb"] = reduce(torch.cuda.max_memory_allocated() / 2**30)[0] / world
+        cfg, step = self.cfg, self.step
+        nbad, nseen, loss_sum = self.reduce(self.bad, self.seen, self.last_loss)
+        metrics = {"step": step, "epoch": epoch, "loss": loss_sum / self.world, "bad_rows": int(nbad),
+                   "trainable_params": self.counts, "rows_seen": int(nseen),
+                   "samples_per_s": (step - self.start_step) * cfg.optim.batch_size / max(self.t_train, 1e-9),
+                   "lr": self.sched.get_last_lr()[0]}
+        if self.resumed_from is not None:
+            metrics["resumed_from_step"] = self.resumed_from
+        if self.device.type == "cuda":
+            metrics["peak_gpu_mem_gb"] = self.reduce(torch.cuda.max_memory_allocated() / 2**30)[0] / self.world
         with tempfile.TemporaryDirectory() as tmp:
-            if engine is not None:  # every rank writes its ZeRO shard; Ray Train merges the ranks' folders
-                engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
+            report = None
+            if self.engine is not None:  # every rank writes its ZeRO shard; Ray Train merges the ranks' folders
+                self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
                 report = ray.train.Checkpoint.from_directory(tmp)
-            elif rank == 0:
-                torch.save({"model": core.state_dict(), "optimizer": optim.state_dict(),
-                            "scheduler": sched.state_dict(), "step": step}, Path(tmp) / STATE_FILE)
+            elif self.rank == 0:
+                torch.save({"model": self.core.state_dict(), "optimizer": self.optim.state_dict(),
+                            "scheduler": self.sched.state_dict(), "step": step}, Path(tmp) / STATE_FILE)
                 report = ray.train.Checkpoint.from_directory(tmp)
-            else:
-                report = None
-            if rank == 0:
+            if self.rank == 0:
                 Path(tmp, "meta.json").write_text(json.dumps(metrics, indent=1))
-                writer.flush()
-                upload_tb()
+                self.writer.flush()
+                self._upload_tensorboard()
             ray.train.report(metrics, checkpoint=report)
 
-    model.train()
-    shard = ray.train.get_dataset_shard("train")
-    epoch = step // spe if spe else 0
-    while step < total:
-        skip = step - epoch * spe
-        it = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
-                                           prefetch_batches=cfg.data.prefetch_batches))
+    def _train_step(self, batch: dict) -> None:
+        cfg = self.cfg
+        loss = diffusion_loss(self.model, self.vae, self.scheduler, batch)
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()  # optimizer, clipping and the lr scheduler
+        else:
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            self.optim.step()
+            self.sched.step()
+        self.last_loss = float(loss.detach())
+
+    def _count_rows(self, batch: dict) -> None:
+        d = self.cfg.data
+        self.bad += self.per_worker - float(batch["valid"].sum())
+        self.seen += self.per_worker
+        if self.seen >= d.min_rows_for_bad_rate and self.bad / self.seen > d.max_bad_row_rate:
+            raise DataError(f"worker {self.rank}: {int(self.bad)} of {int(self.seen)} fine-tune rows "
+                            f"({self.bad / self.seen:.1%}) had unusable images, more than "
+                            f"data.max_bad_row_rate={d.max_bad_row_rate}")
+
+    def _inject_fault(self) -> None:
+        marker = storage.join(self.rdir, FAULT_MARKER)
+        if self.cfg.run.fail_at_step and self.step == self.cfg.run.fail_at_step and self.rank == 0 \
+                and not storage.exists(marker):
+            storage.write_text(marker, f"worker killed at step {self.step}\n")
+            time.sleep(5)  # past the controller's next poll, so the last reported checkpoint is registered
+            log.warning("[finetune] fault injection: worker exits at step %d", self.step)
+            os._exit(1)
+
+    def _log_progress(self, epoch: int) -> None:
+        cfg, step, total = self.cfg, self.step, self.total
+        if self.rank != 0 or not (step % cfg.run.log_every_steps == 0 or step == total):
+            return
+        dt = time.perf_counter() - self.t_log
+        sps = self.since_log * cfg.optim.batch_size / max(dt, 1e-9)
+        lr = self.sched.get_last_lr()[0]
+        for tag, value in (("train/loss", self.last_loss), ("train/lr", lr), ("train/samples_per_s", sps),
+                           ("train/bad_rows", self.bad)):
+            self.writer.add_scalar(tag, value, step)
+        log.info("[finetune] epoch %d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f samples/s  bad rows %d",
+                 epoch + 1, step, total, 100 * step / total, self.last_loss, lr, sps, int(self.bad))
+        self.since_log, self.t_log = 0, time.perf_counter()
+
+    def _epoch(self, epoch: int) -> None:
+        cfg, spe = self.cfg, self.spe
+        skip = self.step - epoch * spe
+        it = iter(self.shard.iter_torch_batches(batch_size=self.per_worker, drop_last=True,
+                                                prefetch_batches=cfg.data.prefetch_batches))
         for i in range(spe):
-            if step >= total:
+            if self.step >= self.total:
                 break
             t0 = time.perf_counter()
             batch = next(it, None)
             if batch is None:
-                raise DataError(f"train shard of worker {rank} ran out after {i} of {spe} batches")
+                raise DataError(f"train shard of worker {self.rank} ran out after {i} of {spe} batches")
             if i < skip:
                 continue  # resuming mid-epoch: these batches were trained on before the checkpoint
-            batch = _to(batch, device)
-            nvalid = float(batch["valid"].sum())
-            bad += per_worker - nvalid
-            seen += per_worker
-            if seen >= cfg.data.min_rows_for_bad_rate and bad / seen > cfg.data.max_bad_row_rate:
-                raise DataError(f"worker {rank}: {int(bad)} of {int(seen)} fine-tune rows ({bad / seen:.1%}) had "
-                                f"unusable images, more than data.max_bad_row_rate={cfg.data.max_bad_row_rate}")
-            loss = diffusion_loss(model, vae, scheduler, batch)
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()  # optimizer, clipping and the lr scheduler
-            else:
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optim.step()
-                sched.step()
-            last_loss = float(loss.detach())
-            step += 1
-            since_log += 1
-            t_train += time.perf_counter() - t0
-            if cfg.run.fail_at_step and step == cfg.run.fail_at_step and rank == 0 \
-                    and not storage.exists(storage.join(rdir, FAULT_MARKER)):
-                storage.write_text(storage.join(rdir, FAULT_MARKER), f"worker killed at step {step}\n")
-                time.sleep(5)  # past the controller's next poll, so the last reported checkpoint is registered
-                log.warning("[finetune] fault injection: worker exits at step %d", step)
-                os._exit(1)
-            if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total):
-                dt = time.perf_counter() - t_log
-                sps = since_log * cfg.optim.batch_size / max(dt, 1e-9)
-                writer.add_scalar("train/loss", last_loss, step)
-                writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-                writer.add_scalar("train/samples_per_s", sps, step)
-                writer.add_scalar("train/bad_rows", bad, step)
-                log.info("[finetune] epoch %d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f samples/s  bad rows %d",
-                         epoch + 1, step, total, 100 * step / total, last_loss, sched.get_last_lr()[0], sps,
-                         int(bad))
-                since_log, t_log = 0, time.perf_counter()
+            batch = _to(batch, self.device)
+            self._count_rows(batch)
+            self._train_step(batch)
+            self.step += 1
+            self.since_log += 1
+            self.t_train += time.perf_counter() - t0
+            self._inject_fault()
+            self._log_progress(epoch)
             every = cfg.run.sample_every_steps
-            if every > 0 and step % every == 0 and step < total:
-                samples()
-            if step % cfg.run.checkpoint_every_steps == 0 or step == total:
-                checkpoint(epoch)
+            if every > 0 and self.step % every == 0 and self.step < self.total:
+                self.samples()
+            if self.step % cfg.run.checkpoint_every_steps == 0 or self.step == self.total:
+                self.checkpoint(epoch)
         del it
-        epoch += 1
-    if cfg.run.sample_every_steps >= 0 and step > start_step:
-        samples()
-    if cfg.run.save_pipeline:
-        with full_params():
-            if rank == 0:
-                save_pipeline(parts, core, storage.join(rdir, "pipeline"))
-                log.info("[finetune] pipeline saved to %s", storage.join(rdir, "pipeline"))
-    if writer is not None:
-        writer.close()
-        upload_tb()
+
+    def run(self) -> None:
+        self.model.train()
+        epoch = self.step // self.spe if self.spe else 0
+        while self.step < self.total:
+            self._epoch(epoch)
+            epoch += 1
+
+    def finish(self) -> None:
+        """Samples of the final model, the saved pipeline, TensorBoard closed (and uploaded)."""
+        if self.cfg.run.sample_every_steps >= 0 and self.step > self.start_step:
+            self.samples()
+        if self.cfg.run.save_pipeline:
+            with self.full_params():
+                if self.rank == 0:
+                    save_pipeline(self.parts, self.core, storage.join(self.rdir, "pipeline"))
+                    log.info("[finetune] pipeline saved to %s", storage.join(self.rdir, "pipeline"))
+        if self.writer is not None:
+            self.writer.close()
+            self._upload_tensorboard()
 
 
 def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
