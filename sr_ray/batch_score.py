@@ -496,11 +496,9 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     return summary
 
 
-def demo_checkpoint() -> str:
-    """The reward-training demo's best checkpoint; trains a quick one (synthetic triplets) when there is none."""
-    import os
-
-    from sr_ray.train import TrainRewardConfig, train_reward
+def demo_reward_config():
+    """The quick reward-training run behind :func:`demo_checkpoint` (synthetic triplets, tiny CLIP)."""
+    from sr_ray.train import TrainRewardConfig
 
     cfg = TrainRewardConfig()
     cfg.data.demo.source = "synthetic"
@@ -510,11 +508,30 @@ def demo_checkpoint() -> str:
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.epochs, cfg.optim.weight_decay = 1e-3, 20, 2, 0.05
     cfg.scaling.cpus_per_worker = 0.5
     cfg.run.name = "sr-reward-demo-scorer"
+    return cfg
+
+
+def demo_run() -> dict:
+    """The summary of the reward-training demo run (its ``checkpoint``, its ``splits``); trains a quick one
+    (synthetic triplets) when there is none."""
+    import os
+
+    from sr_ray.train import train_reward
+
+    cfg = demo_reward_config()
     for name in ("sr-reward-demo", cfg.run.name):  # the training job's demo run, else our own quick one
         path = os.path.join(os.path.abspath(cfg.run.storage_path), name, "summary.json")
-        ckpt = json.load(open(path)).get("checkpoint") if os.path.exists(path) else None
-        if ckpt and storage.exists(ckpt):
-            log.info("[score] demo reward model: %s (from %s)", ckpt, path)
-            return ckpt
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("checkpoint") and storage.exists(summary["checkpoint"]):
+            log.info("[score] demo reward model: %s (from %s)", summary["checkpoint"], path)
+            return summary
     log.info("[score] no demo reward model yet: training one (run %s)", cfg.run.name)
-    return train_reward(cfg, score_test=False)["checkpoint"]
+    return train_reward(cfg, score_test=False)
+
+
+def demo_checkpoint() -> str:
+    """The reward-training demo's best checkpoint (see :func:`demo_run`)."""
+    return demo_run()["checkpoint"]

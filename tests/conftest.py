@@ -47,7 +47,9 @@ def ray_cluster(s3_endpoint):
     from sr_ray.ray_utils import init_ray
 
     # the jobs' own local start (dashboard on a free port: Train's placement-group cleaner needs its State API)
-    init_ray(num_cpus=2, env_vars={"AWS_ENDPOINT_URL": s3_endpoint}, log_to_driver=True)
+    # tests/ on the workers' path: scorers named by import path (tests/plugin_scorers.py) load in actors
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    init_ray(num_cpus=2, env_vars={"AWS_ENDPOINT_URL": s3_endpoint, "PYTHONPATH": path}, log_to_driver=True)
     yield ray
     ray.shutdown()
 

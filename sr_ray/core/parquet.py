@@ -31,6 +31,7 @@ from sr_ray.core.errors import DataError
 log = logging.getLogger(__name__)
 
 FILE_COL, ERROR_COL = "__file", "__error"
+ROW_COL = "__row"
 
 
 @dataclass
@@ -162,7 +163,8 @@ class RowGroupSource:
     """A Ray Data datasource over Parquet row groups (see the module docstring); build with :func:`read`."""
 
     def __init__(self, files: Sequence[ParquetFile], columns: Sequence[str], what: str, endpoint: str | None = None,
-                 key_columns: Sequence[str] = (), max_rows_per_block: int = 0, on_error: str = "rows"):
+                 key_columns: Sequence[str] = (), max_rows_per_block: int = 0, on_error: str = "rows",
+                 row_index: bool = False):
         if on_error not in ("rows", "raise"):
             raise ValueError("on_error must be rows or raise")
         self.files = [(f.uri, f.path, f.row_groups, [c for c in columns if c in f.schema.names]) for f in files]
@@ -172,6 +174,12 @@ class RowGroupSource:
         self.endpoint = endpoint
         self.est_bytes = sum(f.size for f in files)
         self.uri = files[0].uri if files else ""
+        self.row_index = row_index
+        self.offsets = [sum(f.rows for f in files[:i]) for i in range(len(files))]
+
+    def schema_out(self) -> pa.Schema:
+        out = out_schema(self.schema)
+        return out.append(pa.field(ROW_COL, pa.int64())) if self.row_index else out
 
     def units(self) -> list[tuple[int, int, int]]:
         """(file index, row group, rows) of every row group."""
@@ -190,6 +198,9 @@ class RowGroupSource:
             if self.on_error == "raise":
                 raise DataError(msg) from None
             table = self._salvage(fs, path, group, groups[group], present, uri, msg)
+        if self.row_index:  # the row's place in the files' order: a stable key across runs and stages
+            start = self.offsets[i] + sum(groups[:group])
+            table = table.append_column(ROW_COL, pa.array(range(start, start + table.num_rows), pa.int64()))
         step = self.max_rows or table.num_rows or 1
         return [table.slice(s, step) for s in range(0, table.num_rows, step)]
 
@@ -231,7 +242,7 @@ def _datasource_class():
             return [ReadTask(self._reader(c), BlockMetadata(
                 num_rows=sum(n for _, _, n in c), size_bytes=None, exec_stats=None,
                 input_files=sorted({self.files[i][0] for i, _, _ in c})),
-                schema=out_schema(self.schema), per_task_row_limit=per_task_row_limit) for c in chunks]
+                schema=self.schema_out(), per_task_row_limit=per_task_row_limit) for c in chunks]
 
         def _reader(self, chunk):
             def read():
@@ -244,11 +255,14 @@ def _datasource_class():
 
 
 def read(files: Sequence[ParquetFile], columns: Sequence[str], what: str, endpoint: str | None = None,
-         key_columns: Sequence[str] = (), max_rows_per_block: int = 0, on_error: str = "rows", **read_args):
-    """A lazy Ray Dataset of ``columns`` (+ ``__file``, ``__error``) over ``files``' row groups."""
+         key_columns: Sequence[str] = (), max_rows_per_block: int = 0, on_error: str = "rows", row_index: bool = False,
+         **read_args):
+    """A lazy Ray Dataset of ``columns`` (+ ``__file``, ``__error``, and with ``row_index`` ``__row``: the row's
+    number counted over ``files`` in order) over ``files``' row groups."""
     import ray.data
 
-    source = _datasource_class()(files, columns, what, endpoint, key_columns, max_rows_per_block, on_error)
+    source = _datasource_class()(files, columns, what, endpoint, key_columns, max_rows_per_block, on_error,
+                                 row_index)
     return ray.data.read_datasource(source, **read_args)
 
 

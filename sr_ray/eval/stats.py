@@ -69,6 +69,9 @@ def bootstrap_mean(values, groups, weights=None, n_boot: int = 2000, level: floa
     """Weighted mean of ``values`` with a percentile interval from a bootstrap over ``groups`` (prompts)."""
     values = np.asarray(values, np.float64)
     weights = np.ones_like(values) if weights is None else np.asarray(weights, np.float64)
+    keep = weights > 0  # a prompt none of whose pairs count is not a cluster to draw
+    values, weights, groups = values[keep], weights[keep], np.asarray(groups, dtype=object)[keep]
+    values = np.where(np.isnan(values), 0.0, values)
     codes, k = _clusters(groups)
     total = weights.sum()
     if total == 0:
