@@ -3,7 +3,7 @@
     python jobs/evaluate_t2i.py                   # embedded default: tiny SD vs the fine-tune demo (run first if absent)
     python jobs/evaluate_t2i.py baseline=<sd dir or hub id> finetuned=<run dir> prompts=prompts.txt
     python jobs/evaluate_t2i.py --config jobs/configs/evaluate_t2i/paper.yaml \\
-        finetuned=$PWD/runs/sd21-social-reward metrics.social_reward_checkpoint=<reward checkpoint> \\
+        finetuned=$PWD/runs/sd21-social-reward social_reward.checkpoint=<reward checkpoint> \\
         prompts=internal.txt,general.txt
 
 Writes <out>/table5.md|csv, table6.md|csv, win_rates.png, grid-<set>.png, scores.parquet, report.md (and
@@ -13,7 +13,7 @@ best_of_n.* with best_of_n=<metric>). The last stdout line is JSON.
 from pathlib import Path
 
 from sr_ray.cli import run_job
-from sr_ray.evaluate import EvaluateT2IConfig, evaluate_t2i
+from sr_ray.eval.t2i import EvaluateT2IConfig, evaluate_t2i
 
 DEFAULT = Path(__file__).parent / "configs" / "evaluate_t2i" / "demo.yaml"
 

@@ -326,13 +326,14 @@ def test_every_numeric_key_of_every_job_refuses_a_negative_value():
     from sr_ray.curate import CurateConfig
     from sr_ray.diffusion.finetune import FinetuneSDConfig
     from sr_ray.diffusion.generate import GenerateConfig
-    from sr_ray.evaluate import EvaluateT2IConfig
+    from sr_ray.eval.compare import CompareConfig
+    from sr_ray.eval.t2i import EvaluateT2IConfig
     from sr_ray.select import SelectConfig
     from sr_ray.tune import TuneRewardConfig
 
     checked = 0
     for cls in (TrainRewardConfig, TuneRewardConfig, CurateConfig, ScoreConfig, SelectConfig, FinetuneSDConfig,
-                GenerateConfig, EvaluateT2IConfig):
+                GenerateConfig, EvaluateT2IConfig, CompareConfig):
         for key in numeric_keys(cls):
             tree: dict = {}
             node = tree

@@ -16,14 +16,15 @@ def test_every_shipped_yaml_loads(path):
     from sr_ray.batch_score import ScoreConfig
     from sr_ray.diffusion.finetune import FinetuneSDConfig
     from sr_ray.diffusion.generate import GenerateConfig
-    from sr_ray.evaluate import EvaluateT2IConfig
+    from sr_ray.eval.compare import CompareConfig
+    from sr_ray.eval.t2i import EvaluateT2IConfig
     from sr_ray.select import SelectConfig
     from sr_ray.tune import TuneRewardConfig, check_search
 
     cls = {"train_reward": TrainRewardConfig, "tune_reward": TuneRewardConfig,
            "score_generations": ScoreConfig, "select_pairs": SelectConfig,
            "finetune_sd": FinetuneSDConfig, "generate": GenerateConfig,
-           "evaluate_t2i": EvaluateT2IConfig}[path.parent.name]
+           "evaluate_t2i": EvaluateT2IConfig, "compare_rewards": CompareConfig}[path.parent.name]
     cfg = load_config(cls, path)
     assert to_dict(cfg)
     if cls is TuneRewardConfig:

@@ -12,8 +12,10 @@ import torch
 from sr_ray.config import ConfigError
 from sr_ray.diffusion.generate import (GenComputeConfig, GenerateConfig, ImageGenerator, SamplingConfig, check_models, generate,
                                        image_seed, load_prompt_sets, read_prompt_file)
-from sr_ray.evaluate import EvaluateT2IConfig, best_of_n, best_of_n_table, evaluate_t2i, table5, win_rates
-from sr_ray.metrics import METRICS, MetricsConfig
+from sr_ray.eval.scorers import BUILTIN, PAPER_METRICS
+from sr_ray.eval.scorers.social_reward import SocialRewardConfig
+from sr_ray.eval.t2i import (EvaluateT2IConfig, best_of_n, best_of_n_table, evaluate_t2i, table5,
+                             table5_markdown, win_rates)
 
 
 def rows(model, pset, prompt, scores):
@@ -55,6 +57,12 @@ def test_table5_means_over_images_leaving_out_bad_ones(hand_scores):
     assert t5.loc[("s1", "finetuned"), "a"] == pytest.approx((0.2 + 0.6 + 0.5 + 0.5 + 0.1) / 5)
     assert t5.loc[("s1", "baseline"), "b"] == pytest.approx((0.5 * 2 + 0.1 * 2 + 0.8 * 2 + 0) / 8)
     assert t5.loc[("s1", "finetuned"), "images"] == 6 and t5.loc[("s1", "baseline"), "prompts"] == 4
+    # the interval resamples prompts: s2 has one prompt whose images agree, so its interval is the point
+    assert t5.loc[("s2", "baseline"), ["a", "a_ci_low", "a_ci_high"]].tolist() == pytest.approx([0.1, 0.1, 0.1])
+    r = t5.loc[("s1", "baseline")]
+    assert r["b_ci_low"] < r["b"] < r["b_ci_high"] and r["b_ci_low"] >= 0 and r["b_ci_high"] <= 0.8
+    md = table5_markdown(t5.reset_index(), ["a", "b"], 0.95)
+    assert "| s2 | baseline | 1 | 2 | 0.1000 [0.1000, 0.1000] | 0.9000 [0.9000, 0.9000] |" in md
 
 
 def test_best_of_n_keeps_each_prompts_top_image(hand_scores):
@@ -91,11 +99,11 @@ def test_models_and_metrics_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"models.finetuned=.*run: no diffusers pipeline"):
         check_models({"baseline": "tiny", "finetuned": str(tmp_path / "run")})
     assert check_models({"b": "tiny", "hub": "stabilityai/stable-diffusion-2-1-base"})["hub"].startswith("stabilityai")
-    with pytest.raises(ValueError, match="unknown .'pickscore'.; known: .'clip', 'social_reward'."):
-        MetricsConfig(names=["pickscore"])
+    with pytest.raises(ValueError, match="metrics: unknown scorer 'pickscor'"):
+        EvaluateT2IConfig(metrics=["pickscor"])
     with pytest.raises(ValueError, match="best_of_n=hps"):
         EvaluateT2IConfig(best_of_n="hps")
-    assert set(METRICS) >= {"social_reward", "clip"}
+    assert set(BUILTIN) >= set(PAPER_METRICS) and len(PAPER_METRICS) == 6
 
 
 def test_same_seed_same_image_whatever_the_batch_and_model_order():
@@ -142,7 +150,8 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
         baseline="tiny", finetuned=str(sd_dirs / "run"), prompts=[str(tmp_path / "internal.txt"),
                                                                   str(tmp_path / "general.txt")],
         sampling=SamplingConfig(images_per_prompt=2, steps=3),
-        metrics=MetricsConfig(social_reward_checkpoint=str(sd_dirs)), best_of_n="social_reward",
+        metrics=["social_reward", "clip", "pickscore"], social_reward=SocialRewardConfig(checkpoint=str(sd_dirs)),
+        best_of_n="pickscore", n_boot=200,
         grid_prompts=2, out=str(tmp_path / "eval"))
     cfg.generation.batch_size, cfg.generation.prompts_per_shard, cfg.generation.cpus_per_actor = 4, 2, 0.5
     cfg.scoring.cpus_per_actor = 0.5
@@ -155,16 +164,17 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
     by = gen.set_index(["model", "prompt", "image_index"])["seed"]
     assert (by.loc["baseline"] == by.loc["finetuned"]).all()  # same noise for both models
     scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
-    assert scores[["social_reward", "clip"]].notna().all().all()
+    assert scores[["social_reward", "clip", "pickscore"]].notna().all().all()
     from sr_ray.score import RewardScorer
     from sr_ray import images
     row = gen.iloc[5]
     want = RewardScorer(str(sd_dirs), device="cpu").score([row["prompt"]], [images.decode(row["image"])])[0]
     assert scores.set_index("generation_id").loc[row["generation_id"], "social_reward"] == pytest.approx(want, abs=1e-5)
     t6 = pd.read_csv(tmp_path / "eval" / "table6.csv")
-    assert len(t6) == 2 * 2 and (t6["prompts"] == t6["prompt_set"].map({"internal": 3, "general": 2})).all()
+    assert len(t6) == 2 * 3 and (t6["ci_low"] <= t6["win_rate"]).all() and (t6["win_rate"] <= t6["ci_high"]).all()
+    assert (t6["prompts"] == t6["prompt_set"].map({"internal": 3, "general": 2})).all()
     assert t6.set_index(["prompt_set", "metric"])["win_rate"].to_dict() == pytest.approx(
-        win_rates(scores, "baseline", ["social_reward", "clip"]).set_index(["prompt_set", "metric"])["win_rate"]
+        win_rates(scores, "baseline", ["social_reward", "clip", "pickscore"], n_boot=200).set_index(["prompt_set", "metric"])["win_rate"]
         .to_dict())
     t5 = pd.read_csv(tmp_path / "eval" / "table5.csv")
     assert len(t5) == 4 and math.isclose(t5["social_reward"].iloc[0], scores[
@@ -175,8 +185,8 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
     assert grid.size == (4 * 128 + 6, 16 + 2 * (16 + 128))  # 2 models x 2 images, 2 prompts
     picks = pd.read_parquet(tmp_path / "eval" / "best_of_n.parquet")
     assert len(picks) == 10 and picks["image"].notna().all()
-    assert (picks.groupby(["model", "prompt"])["social_reward"].max().values ==
-            scores.groupby(["model", "prompt"])["social_reward"].max().values).all()
+    assert (picks.groupby(["model", "prompt"])["pickscore"].max().values ==  # best-of-N by another scorer
+            scores.groupby(["model", "prompt"])["pickscore"].max().values).all()
     assert "Table 6" in (tmp_path / "eval" / "report.md").read_text()
     # a re-run generates nothing (all shards there) and gives the same tables
     before = (tmp_path / "eval" / "table6.csv").read_text()

@@ -99,7 +99,8 @@ def test_openai_weights_need_the_quickgelu_architecture():
     import open_clip
 
     from sr_ray.config import ConfigError, load_config
-    from sr_ray.metrics import MetricsConfig
+    from sr_ray.eval.scorers.aesthetic import AestheticConfig
+    from sr_ray.eval.scorers.clip import ClipConfig
     from sr_ray.model import activation_problem
     from sr_ray.train import TrainRewardConfig, check_config
 
@@ -113,8 +114,10 @@ def test_openai_weights_need_the_quickgelu_architecture():
         build_clip(ModelConfig(name="ViT-L-14", pretrained="openai"))  # no download: refused first
     with pytest.raises(ConfigError, match="use model.name='ViT-L-14-quickgelu'"):
         check_config(load_config(TrainRewardConfig, None, ["model.name=ViT-L-14", "model.pretrained=openai"]))
-    with pytest.raises(ValueError, match="metrics.clip_model='ViT-L-14' uses GELU"):
-        MetricsConfig(clip_model="ViT-L-14", clip_pretrained="openai")
+    with pytest.raises(ValueError, match="clip.model='ViT-L-14' uses GELU"):
+        ClipConfig(model="ViT-L-14", pretrained="openai")
+    with pytest.raises(ValueError, match="laion_aesthetic.clip_model='ViT-L-14' uses GELU"):
+        AestheticConfig(clip_model="ViT-L-14", clip_pretrained="openai")
     # the architecture the paper configs name really runs QuickGELU (checked on its smaller sibling)
     act = open_clip.create_model("ViT-B-32-quickgelu").visual.transformer.resblocks[0].mlp.gelu
     assert type(act).__name__ == "QuickGELU"

@@ -7,12 +7,12 @@
    models, the special token as the fine-tuned model's negative prompt), into
    ``<out>/generations`` (resumable by shard), unless ``generations`` names a
    finished folder;
-2. scores every image with every metric of :mod:`sr_ray.metrics` (Social Reward,
-   CLIP alignment, ... ) on a Ray Data actor pool -> ``<out>/scores.parquet``;
-   an undecodable image gets NaN scores and a ``reason``, and is counted;
-3. writes **Table 5** (mean of each metric per prompt set and model,
-   ``table5.md/.csv``), **Table 6** (win-rate of each model over the baseline
-   per metric: prompt by prompt on the mean of its images, a tie counts half,
+2. scores every image with every metric, i.e. every scorer of :mod:`sr_ray.eval.scorers` (the paper's six:
+   Social Reward, CLIP alignment, LAION aesthetic, HPS v2, ImageReward, PickScore) on a Ray Data actor
+   pool -> ``<out>/scores.parquet``; an undecodable image gets NaN scores and a ``reason``, and is counted;
+3. writes **Table 5** (mean of each metric per prompt set and model with a bootstrap interval over prompts,
+   ``table5.md/.csv``), **Table 6** (win-rate of each model over the baseline per metric: prompt by prompt
+   on the mean of its images, a tie counts half, with a bootstrap interval over prompts,
    ``table6.md/.csv`` and ``win_rates.png``), an image grid per prompt set
    (``grid-<set>.png``: a row per prompt, the models' images side by side), and
    ``report.md`` with all of it;
@@ -36,12 +36,14 @@ import pandas as pd
 import pyarrow as pa
 
 from sr_ray import images, storage
-from sr_ray.config import ConfigError, to_dict
+from sr_ray.core.errors import DataError
+from sr_ray.config import ConfigError, from_dict, to_dict
 from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig, generate,
                                        load_prompt_sets)
-from sr_ray.metrics import MetricsConfig, build_metrics
+from sr_ray.eval import stats
+from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
-log = logging.getLogger("sr_ray.evaluate")
+log = logging.getLogger("sr_ray.eval.t2i")
 
 KEYS = ["generation_id", "model", "prompt_set", "prompt_index", "image_index", "prompt"]
 
@@ -52,7 +54,10 @@ class ScoringComputeConfig(ActorPoolConfig):
 
 
 @dataclass
-class EvaluateT2IConfig:
+class EvaluateT2IConfig(ScorerSettings):
+    """The scorers' own settings (``social_reward.checkpoint``, ``clip.model``, ``pickscore.model`` ...) are
+    top-level sections, as in the comparison job."""
+
     baseline: str = "tiny"
     """The model fine-tuning started from: tiny, a diffusers dir, or a hub id (stabilityai/stable-diffusion-2-1-base)."""
     finetuned: str | None = None
@@ -64,7 +69,12 @@ class EvaluateT2IConfig:
     max_prompts: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     generation: GenComputeConfig = field(default_factory=GenComputeConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    metrics: list[str] = field(default_factory=lambda: ["social_reward", "clip"])
+    """Scorers to use as metrics (the paper's six: social_reward, clip, laion_aesthetic, hpsv2, imagereward,
+    pickscore); built-in names or ``module:factory`` import paths."""
+    n_boot: int = 2000
+    """Bootstrap replicates of the intervals (Table 5 means, Table 6 win-rates; resampling prompts)."""
+    level: float = 0.95
     scoring: ScoringComputeConfig = field(default_factory=ScoringComputeConfig)
     best_of_n: str | None = None
     """Best-of-N (paper Fig. 1): keep each (model, prompt)'s top image by this metric; N = images_per_prompt."""
@@ -83,8 +93,9 @@ class EvaluateT2IConfig:
         names = ["baseline", *(["finetuned"] if self.finetuned else []), *self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: {names} name a model twice (baseline and finetuned are taken)")
-        if self.best_of_n is not None and self.best_of_n not in self.metrics.names:
-            raise ValueError(f"best_of_n={self.best_of_n}: not one of metrics.names {self.metrics.names}")
+        check_names(self.metrics, "metrics")
+        if self.best_of_n is not None and self.best_of_n not in self.metrics:
+            raise ValueError(f"best_of_n={self.best_of_n}: not one of metrics {self.metrics}")
         if self.grid_prompts < 0:
             raise ValueError("grid_prompts must be >= 0")
 
@@ -96,13 +107,15 @@ class EvaluateT2IConfig:
 # ---------------------------------------------------------------- scoring
 
 class ImageMetricScorer:
-    """Callable class for ``map_batches``: generation rows -> their keys + one float column per metric + reason."""
+    """Callable class for ``map_batches``: generation rows -> their keys + one float column per metric + reason.
+    Every metric's scorer is built once per actor."""
 
-    def __init__(self, metrics: dict, device: str | None = None):
+    def __init__(self, names: list[str], settings: dict, batch_size: int, device: str | None = None):
         from sr_ray.ray_utils import worker_prints_to_stderr
 
         worker_prints_to_stderr()
-        self.metrics = build_metrics(MetricsConfig(**metrics), device)
+        cfg = from_dict(ScorerSettings, settings)
+        self.metrics = [make_scorer(n, cfg, device, batch_size) for n in names]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pics, reasons = [], []
@@ -125,7 +138,7 @@ class ImageMetricScorer:
         return out
 
 
-def score_images(gen_uri: str, metrics: MetricsConfig, compute: ScoringComputeConfig,
+def score_images(gen_uri: str, names: list[str], settings: ScorerSettings, compute: ScoringComputeConfig,
                  endpoint: str | None) -> pd.DataFrame:
     """Every generation of ``gen_uri`` scored by every metric (Ray Data actor pool)."""
     import ray.data
@@ -136,27 +149,40 @@ def score_images(gen_uri: str, metrics: MetricsConfig, compute: ScoringComputeCo
     fs, _ = storage.resolve(gen_uri, endpoint)
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(KEYS + ["image"])
     ds = ds.map_batches(ImageMetricScorer, batch_format="numpy", batch_size=compute.batch_size,
-                        fn_constructor_kwargs={"metrics": to_dict(metrics)}, **compute.map_kwargs())
+                        fn_constructor_kwargs={"names": names, "settings": to_dict(settings),
+                                               "batch_size": compute.batch_size}, **compute.map_kwargs())
     df = ds.to_pandas()
+    for n in names:  # numpy floats: an undecodable image's NaN must read as missing (not so in Arrow dtypes)
+        df[n] = df[n].to_numpy(np.float64, na_value=np.nan)
     return df.sort_values(["model", "prompt_set", "prompt_index", "image_index"]).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- tables
 
-def table5(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Mean of each metric per (prompt_set, model) over its images (bad images left out); + prompts, images."""
-    g = scores.groupby(["prompt_set", "model"], sort=True)
-    t = g[metrics].mean()
-    t.insert(0, "images", g["generation_id"].count())
-    t.insert(0, "prompts", g["prompt"].nunique())
-    return t.reset_index()
+def table5(scores: pd.DataFrame, metrics: list[str], n_boot: int = 2000, level: float = 0.95,
+           seed: int = 0) -> pd.DataFrame:
+    """Mean of each metric per (prompt_set, model) over its images (bad images left out), with
+    ``<metric>_ci_low``/``_ci_high``: a bootstrap interval resampling prompts (a prompt's images together);
+    + prompts, images."""
+    rows = []
+    for (pset, model), part in scores.groupby(["prompt_set", "model"], sort=True):
+        row = {"prompt_set": pset, "model": model, "prompts": part["prompt"].nunique(),
+               "images": int(part["generation_id"].count())}
+        for m in metrics:
+            ok = part[m].notna()
+            e = stats.bootstrap_mean(part.loc[ok, m], part.loc[ok, "prompt"], n_boot=n_boot, level=level, seed=seed)
+            row.update({m: e.value, f"{m}_ci_low": e.ci_low, f"{m}_ci_high": e.ci_high})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def win_rates(scores: pd.DataFrame, baseline: str, metrics: list[str]) -> pd.DataFrame:
+def win_rates(scores: pd.DataFrame, baseline: str, metrics: list[str], n_boot: int = 2000, level: float = 0.95,
+              seed: int = 0) -> pd.DataFrame:
     """Table 6: per prompt set, model (not the baseline) and metric, the share of prompts where the model's mean
-    score over its images beats the baseline's (a tie counts half). Prompts either side lacks are left out.
+    score over its images beats the baseline's (a tie counts half), with a bootstrap interval over prompts.
+    Prompts either side lacks are left out.
 
-    Long form: prompt_set, model, metric, win_rate, wins, ties, losses, prompts.
+    Long form: prompt_set, model, metric, win_rate, ci_low, ci_high, wins, ties, losses, prompts.
     """
     per = scores.groupby(["prompt_set", "model", "prompt"], sort=True)[metrics].mean()
     if baseline not in per.index.get_level_values("model"):
@@ -170,12 +196,26 @@ def win_rates(scores: pd.DataFrame, baseline: str, metrics: list[str]) -> pd.Dat
             for m in metrics:
                 d = (part[m] - part[m + "__base"]).dropna()
                 wins, ties, losses = int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())
-                n = wins + ties + losses
-                rows.append({"prompt_set": pset, "model": model, "metric": m,
-                             "win_rate": (wins + 0.5 * ties) / n if n else float("nan"),
-                             "wins": wins, "ties": ties, "losses": losses, "prompts": n})
-    return pd.DataFrame(rows, columns=["prompt_set", "model", "metric", "win_rate", "wins", "ties", "losses",
-                                       "prompts"])
+                dv = d.to_numpy(np.float64)
+                credit = (dv > 0) + 0.5 * (dv == 0)
+                e = stats.bootstrap_mean(credit, d.index.get_level_values("prompt"), n_boot=n_boot,
+                                         level=level, seed=seed)
+                rows.append({"prompt_set": pset, "model": model, "metric": m, "win_rate": e.value,
+                             "ci_low": e.ci_low, "ci_high": e.ci_high, "wins": wins, "ties": ties,
+                             "losses": losses, "prompts": wins + ties + losses})
+    return pd.DataFrame(rows, columns=["prompt_set", "model", "metric", "win_rate", "ci_low", "ci_high", "wins",
+                                       "ties", "losses", "prompts"])
+
+
+def table5_markdown(t5: pd.DataFrame, metrics: list[str], level: float) -> str:
+    """Rows: prompt set x model; a column per metric: ``mean [low, high]``."""
+    cols = ["prompt_set", "model", "prompts", "images", *metrics]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for r in t5.to_dict(orient="records"):
+        cells = [str(r["prompt_set"]), str(r["model"]), str(r["prompts"]), str(r["images"])]
+        cells += [f"{r[m]:.4f} [{r[f'{m}_ci_low']:.4f}, {r[f'{m}_ci_high']:.4f}]" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nCells: mean over images [{level:.0%} bootstrap interval over prompts]."
 
 
 def best_of_n(scores: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -210,9 +250,12 @@ def table6_markdown(t6: pd.DataFrame) -> str:
     """Rows: prompt set x model; columns: metrics; cells: win-rate % (wins/ties/losses)."""
     if t6.empty:
         return "(no model to compare with the baseline)"
-    cells = t6.assign(cell=[f"{r.win_rate:.1%} ({r.wins}/{r.ties}/{r.losses})" for r in t6.itertuples()])
-    wide = cells.pivot(index=["prompt_set", "model"], columns="metric", values="cell").reset_index()
-    return _md_table(wide) + "\n\nCells: win-rate over the baseline (wins/ties/losses of prompts; a tie counts half)."
+    cells = t6.assign(cell=[f"{r.win_rate:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] ({r.wins}/{r.ties}/{r.losses})"
+                            for r in t6.itertuples()])
+    order = list(dict.fromkeys(t6["metric"]))
+    wide = cells.pivot(index=["prompt_set", "model"], columns="metric", values="cell")[order].reset_index()
+    return _md_table(wide) + ("\n\nCells: win-rate over the baseline [bootstrap interval over prompts] "
+                              "(wins/ties/losses of prompts; a tie counts half).")
 
 
 def plot_win_rates(t6: pd.DataFrame) -> bytes:
@@ -325,93 +368,113 @@ def _ensure_finetuned(cfg: EvaluateT2IConfig) -> None:
     finetune_sd(ft)
 
 
-def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
-    """Generate (or reuse), score, tabulate; returns the JSON summary (also ``<out>/summary.json``)."""
-    from sr_ray.ray_utils import init_ray
+def _with_checkpoint(cfg: EvaluateT2IConfig) -> EvaluateT2IConfig:
+    """Social Reward's checkpoint checked now (named, before any model loads); none given: the reward demo's."""
     from sr_ray.score import read_checkpoint
 
-    t0 = time.perf_counter()
-    ep = cfg.s3_endpoint
-    metrics = cfg.metrics
-    if "social_reward" in metrics.names:
-        if metrics.social_reward_checkpoint:
-            read_checkpoint(metrics.social_reward_checkpoint, mmap=True)  # fails now, naming it, if not a checkpoint
-        else:
-            from sr_ray.batch_score import demo_checkpoint
+    if "social_reward" not in cfg.metrics:
+        return cfg
+    if cfg.social_reward.checkpoint:
+        read_checkpoint(cfg.social_reward.checkpoint, mmap=True)
+        return cfg
+    from sr_ray.batch_score import demo_checkpoint
 
-            metrics = replace(metrics, social_reward_checkpoint=demo_checkpoint())
+    return replace(cfg, social_reward=replace(cfg.social_reward, checkpoint=demo_checkpoint()))
+
+
+def _generate(cfg: EvaluateT2IConfig) -> tuple[str, dict | None]:
+    """The generations folder: ``generations`` as given, else generated into ``<out>/generations``."""
     if cfg.generations:
-        gen_uri, gen_summary = cfg.generations, None
-    else:
-        sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, ep)  # bad prompt files fail before any model loads
-        if cfg.finetuned:
-            _ensure_finetuned(cfg)
-        gen_uri = storage.join(cfg.out, "generations")
-        gen_summary = generate(GenerateConfig(
-            models=cfg.model_map(), prompts=cfg.prompts, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
-            compute=cfg.generation, out=gen_uri, s3_endpoint=ep, ray_address=cfg.ray_address), sets)
+        return cfg.generations, None
+    sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint)  # bad prompt files fail first
+    if cfg.finetuned:
+        _ensure_finetuned(cfg)
+    gen_uri = storage.join(cfg.out, "generations")
+    return gen_uri, generate(GenerateConfig(
+        models=cfg.model_map(), prompts=cfg.prompts, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
+        compute=cfg.generation, out=gen_uri, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address), sets)
+
+
+def _score(cfg: EvaluateT2IConfig, gen_uri: str) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """(scores, undecodable rows, seconds): every image by every metric; too many bad images fail the job."""
+    from sr_ray.ray_utils import init_ray
+
     init_ray(cfg.ray_address)
-    t_score = time.perf_counter()
-    scores = score_images(gen_uri, metrics, cfg.scoring, ep)
-    score_s = time.perf_counter() - t_score
+    t = time.perf_counter()
+    scores = score_images(gen_uri, cfg.metrics, cfg.scorer_settings(), cfg.scoring, cfg.s3_endpoint)
+    seconds = time.perf_counter() - t
     bad = scores[scores["reason"] != ""]
     if len(scores) and len(bad) / len(scores) > cfg.max_bad_image_rate:
-        from sr_ray.data import DataError
-
         raise DataError(f"{len(bad)} of {len(scores)} generated images could not be decoded "
                         f"(first: {bad['generation_id'].iloc[0]}: {bad['reason'].iloc[0]}), "
                         f"more than max_bad_image_rate={cfg.max_bad_image_rate}")
-    names = metrics.names
-    models = list(dict.fromkeys(["baseline", *sorted(set(scores["model"]) - {"baseline"})]))
     storage.write_parquet(pa.Table.from_pandas(scores, preserve_index=False), storage.join(cfg.out, "scores.parquet"),
-                          ep)
-    t5 = table5(scores, names)
-    t6 = win_rates(scores, "baseline", names) if "baseline" in set(scores["model"]) else pd.DataFrame()
-    w = lambda name, data: storage.write_bytes(storage.join(cfg.out, name),  # noqa: E731
-                                               data if isinstance(data, bytes) else data.encode(), ep)
+                          cfg.s3_endpoint)
+    return scores, bad, seconds
+
+
+def _writer(cfg: EvaluateT2IConfig):
+    return lambda name, data: storage.write_bytes(storage.join(cfg.out, name),
+                                                  data if isinstance(data, bytes) else data.encode(), cfg.s3_endpoint)
+
+
+def _best_of_n_part(cfg: EvaluateT2IConfig, scores: pd.DataFrame, gen_uri: str) -> tuple[list[str], dict]:
+    """Best-of-N picks and their table written; (report lines, summary entry)."""
+    w, names = _writer(cfg), cfg.metrics
+    picks = best_of_n(scores, cfg.best_of_n)
+    bt = best_of_n_table(scores, picks, names)
+    imgs = _pick_images(gen_uri, list(picks["generation_id"]), cfg.s3_endpoint).to_pandas()
+    storage.write_parquet(pa.Table.from_pandas(picks.merge(imgs, on="generation_id", how="left"),
+                                               preserve_index=False),
+                          storage.join(cfg.out, "best_of_n.parquet"), cfg.s3_endpoint)
+    w("best_of_n.csv", bt.to_csv(index=False))
+    w("best_of_n.md", _md_table(bt) + "\n")
+    n = int(scores.groupby(["model", "prompt_set", "prompt"]).size().max())
+    lines = [f"## Best-of-{n} by {cfg.best_of_n}", "",
+             "Mean of each metric over the kept images vs over all images (a random pick).", "", _md_table(bt), ""]
+    return lines, {"metric": cfg.best_of_n, "n": n, "picks": int(len(picks)),
+                   "gain": {f"{r.prompt_set}/{r.model}/{r.metric}": round(r.gain, 5) for r in bt.itertuples()}}
+
+
+def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
+    """Generate (or reuse), score, tabulate; returns the JSON summary (also ``<out>/summary.json``)."""
+    t0 = time.perf_counter()
+    cfg = _with_checkpoint(cfg)
+    gen_uri, gen_summary = _generate(cfg)
+    scores, bad, score_s = _score(cfg, gen_uri)
+    names, w = cfg.metrics, _writer(cfg)
+    models = list(dict.fromkeys(["baseline", *sorted(set(scores["model"]) - {"baseline"})]))
+    t5 = table5(scores, names, cfg.n_boot, cfg.level)
+    t6 = win_rates(scores, "baseline", names, cfg.n_boot, cfg.level) if "baseline" in set(scores["model"]) \
+        else pd.DataFrame()
+    t5_md, t6_md = table5_markdown(t5, names, cfg.level), table6_markdown(t6)
     w("table5.csv", t5.to_csv(index=False))
-    w("table5.md", _md_table(t5) + "\n")
+    w("table5.md", t5_md + "\n")
     w("table6.csv", t6.to_csv(index=False))
-    w("table6.md", table6_markdown(t6) + "\n")
+    w("table6.md", t6_md + "\n")
     if not t6.empty:
         w("win_rates.png", plot_win_rates(t6))
-    grids = _grids(gen_uri, models, cfg.grid_prompts, ep)
+    grids = _grids(gen_uri, models, cfg.grid_prompts, cfg.s3_endpoint)
     for pset, png in grids.items():
         w(f"grid-{pset}.png", png)
     report = ["# Text-to-image evaluation", "",
               f"Models: {json.dumps(cfg.model_map() if not cfg.generations else models)}; "
               f"generations `{gen_uri}`; metrics {names}; {len(scores)} images, {len(bad)} undecodable.", "",
-              "## Table 5: mean of each metric", "", _md_table(t5), "",
-              "## Table 6: win-rate over the baseline", "", table6_markdown(t6), ""]
+              "## Table 5: mean of each metric", "", t5_md, "", "## Table 6: win-rate over the baseline", "", t6_md, ""]
     summary: dict[str, Any] = {
         "out": cfg.out, "generations": gen_uri, "images": int(len(scores)), "bad_images": int(len(bad)),
         "models": models, "prompt_sets": sorted(set(scores["prompt_set"])), "metrics": names,
         "table5": t5.to_dict(orient="records"),
-        "win_rates": {f"{r.prompt_set}/{r.model}/{r.metric}": round(r.win_rate, 4) for r in t6.itertuples()},
+        "win_rates": {f"{r.prompt_set}/{r.model}/{r.metric}": [round(r.win_rate, 4), round(r.ci_low, 4),
+                                                               round(r.ci_high, 4)] for r in t6.itertuples()},
         "grids": [storage.join(cfg.out, f"grid-{p}.png") for p in grids],
-        "score_images_per_s": round(len(scores) / score_s, 2),
-        "generation": gen_summary,
-    }
+        "score_images_per_s": round(len(scores) / score_s, 2), "generation": gen_summary}
     if cfg.best_of_n:
-        picks = best_of_n(scores, cfg.best_of_n)
-        bt = best_of_n_table(scores, picks, names)
-        imgs = _pick_images(gen_uri, list(picks["generation_id"]), ep).to_pandas()
-        picked = picks.merge(imgs, on="generation_id", how="left")
-        storage.write_parquet(pa.Table.from_pandas(picked, preserve_index=False),
-                              storage.join(cfg.out, "best_of_n.parquet"), ep)
-        w("best_of_n.csv", bt.to_csv(index=False))
-        n = int(scores.groupby(["model", "prompt_set", "prompt"]).size().max())
-        w("best_of_n.md", _md_table(bt) + "\n")
-        report += [f"## Best-of-{n} by {cfg.best_of_n}", "",
-                   "Mean of each metric over the kept images vs over all images (a random pick).", "",
-                   _md_table(bt), ""]
-        summary["best_of_n"] = {"metric": cfg.best_of_n, "n": n, "picks": int(len(picks)),
-                                "gain": {f"{r.prompt_set}/{r.model}/{r.metric}": round(r.gain, 5)
-                                         for r in bt.itertuples()}}
+        lines, summary["best_of_n"] = _best_of_n_part(cfg, scores, gen_uri)
+        report += lines
     report += ["## Images", ""] + [f"![{p}](grid-{p}.png)" for p in grids]
     w("report.md", "\n".join(report) + "\n")
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     w("summary.json", json.dumps(summary, indent=1, default=str))
-    log.info("[evaluate] Table 5:\n%s\n[evaluate] Table 6:\n%s", _md_table(t5), table6_markdown(t6))
+    log.info("[evaluate] Table 5:\n%s\n[evaluate] Table 6:\n%s", t5_md, t6_md)
     return summary
-
