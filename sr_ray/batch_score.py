@@ -5,7 +5,9 @@ Ray Data reads the generations (``generation_id``, ``prompt``, ``image`` bytes o
 scores them on an autoscaling pool of scorer actors (``map_batches`` with a
 callable class and ``ActorPoolStrategy``; ``num_gpus`` per actor on GPU). Each
 actor encodes a prompt's text once and keeps it (an LRU cache), so a prompt with
-many images costs one text forward pass, not one per image.
+many images costs one text forward pass, not one per image. With ``scorer=<name>`` any other scorer of
+:mod:`sr_ray.eval.scorers` (PickScore, HPS v2, ImageReward, a plugin) scores instead: the CPU tasks then only
+decode, and its actors apply its own preprocessing.
 
 Output: one Parquet shard per input file (same relative path), with the input
 file's own columns and types less the image bytes plus ``score`` (float32), written
@@ -41,6 +43,7 @@ from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
 from sr_ray.data import preprocessing, read_image_bytes
+from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,13 @@ READ = (ID, PROMPT, IMAGE, URI)  # the only input columns that go through Ray; t
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(ScorerSettings):
+    """The scorers' own sections (``pickscore.model``, ``hpsv2.weights``, ...) are top-level, as in
+    compare_rewards; ``checkpoint`` is Social Reward's."""
+
+    scorer: str = "social_reward"
+    """Which scorer scores the generations: social_reward (an sr-ray checkpoint, with the stages below), any other
+    built-in scorer (pickscore, hpsv21, imagereward, ...) or a ``module:factory`` import path."""
     checkpoint: str | None = None
     """Reward checkpoint folder (local or s3://); none: the reward-training demo's best (trained first if missing)."""
     generations: str | None = None
@@ -95,6 +104,9 @@ class ScoreConfig:
     """Demo generation set: prompts, images_per_prompt, image_size, seed, bad_rows, rows_per_file, cache_dir."""
 
     def __post_init__(self) -> None:
+        check_names([self.scorer], "scorer")
+        if self.scorer != "social_reward" and (self.backend != "torch" or self.compile):
+            raise ValueError(f"backend={self.backend} / compile: only the social_reward scorer has them")
         if self.backend not in ("torch", "deepspeed"):
             raise ValueError("backend must be torch or deepspeed")
         if not 1 <= self.min_actors <= self.max_actors:
@@ -161,10 +173,13 @@ def check_rows(files: list[InputFile], endpoint: str | None, uri: str) -> None:
 
 
 class GenerationPreprocessor:
-    """CPU stage: decode + the model's CLIP preprocessing; bad rows keep their place with ``reason`` set."""
+    """CPU stage: decode + the model's CLIP preprocessing; bad rows keep their place with ``reason`` set.
 
-    def __init__(self, model_cfg: dict, endpoint: str | None, image_root: str | None, limits: dict | None = None):
-        self.model_cfg = dict(model_cfg)
+    ``model_cfg`` None (a scorer with its own preprocessing): decode only, ``image`` as HxWx3 uint8 arrays."""
+
+    def __init__(self, model_cfg: dict | None, endpoint: str | None, image_root: str | None,
+                 limits: dict | None = None):
+        self.model_cfg = dict(model_cfg) if model_cfg is not None else None
         self.endpoint, self.image_root = endpoint, image_root
         self.limits = InputLimits(**(limits or {}))
 
@@ -183,22 +198,29 @@ class GenerationPreprocessor:
         return prompt_problem(batch[PROMPT][i], self.limits) or ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        transform, _, shape = preprocessing(self.model_cfg)
+        if self.model_cfg is None:
+            transform, shape = np.asarray, (0, 0, 3)
+        else:
+            transform, _, shape = preprocessing(self.model_cfg)
         n = len(batch[ID])
         pixels, reasons = [None] * n, [self._reason(batch, i) for i in range(n)]
         for i in range(n):
             if reasons[i]:
                 continue
             try:
-                pixels[i] = transform(images.decode(self._bytes(batch, i), self.limits)).numpy()
+                pixels[i] = np.asarray(transform(images.decode(self._bytes(batch, i), self.limits)))
             except images.BadImage as e:
                 reasons[i] = str(e)
-        zeros = np.zeros(shape, np.float32)
-        return {**{k: batch[k] for k in (ID, parquet.FILE_COL) if k in batch},
-                PROMPT: np.array([clean_prompt(p) if not r else "" for p, r in zip(batch[PROMPT], reasons)],
-                                 dtype=object),
-                "pixels": np.stack([p if p is not None else zeros for p in pixels]).astype(np.float32),
-                "reason": np.array(reasons, dtype=object)}
+        out = {**{k: batch[k] for k in (ID, parquet.FILE_COL) if k in batch},
+               PROMPT: np.array([clean_prompt(p) if not r else "" for p, r in zip(batch[PROMPT], reasons)],
+                                dtype=object), "reason": np.array(reasons, dtype=object)}
+        if self.model_cfg is None:  # decoded images of any size: an object column
+            out[IMAGE] = np.empty(n, dtype=object)
+            out[IMAGE][:] = [p if p is not None else np.zeros(shape, np.uint8) for p in pixels]
+        else:
+            zeros = np.zeros(shape, np.float32)
+            out["pixels"] = np.stack([p if p is not None else zeros for p in pixels]).astype(np.float32)
+        return out
 
 
 class GenerationScorer:
@@ -285,6 +307,36 @@ class GenerationScorer:
         return out
 
 
+class AnyScorer:
+    """Scorer actor for every scorer but social_reward: decoded images -> ``score`` with the scorer's own
+    preprocessing (:mod:`sr_ray.eval.scorers`), built once per actor."""
+
+    def __init__(self, name: str, settings: dict, batch_size: int, torch_threads: int = 0):
+        import torch
+
+        from sr_ray.config import from_dict
+        from sr_ray.ray_utils import in_ray_worker, worker_prints_to_stderr
+
+        if in_ray_worker():
+            worker_prints_to_stderr()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.scorer = make_scorer(name, from_dict(ScorerSettings, settings), None, batch_size)
+        self.ready_at = time.time()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch[ID])
+        ok = [i for i in range(n) if not batch["reason"][i]]
+        scores = np.full(n, np.nan, dtype=np.float32)
+        if ok:
+            scores[ok] = self.scorer.score([str(batch[PROMPT][i]) for i in ok], [batch[IMAGE][i] for i in ok])
+        out = {k: v for k, v in batch.items() if k not in (IMAGE, PROMPT)}
+        out["score"] = scores
+        out["texts_encoded"] = np.zeros(n, dtype=np.int64)
+        out["actor_ready_at"] = np.full(n, self.ready_at, dtype=np.float64)
+        return out
+
+
 def checkpoint_model_config(checkpoint: str) -> dict:
     """The model config stored in a reward checkpoint (memory-mapped: the weights are not read)."""
     from sr_ray.score import read_checkpoint
@@ -292,12 +344,18 @@ def checkpoint_model_config(checkpoint: str) -> dict:
     return dict(read_checkpoint(checkpoint, mmap=True)["model_config"])
 
 
-def scoring_identity(cfg: ScoreConfig, checkpoint: str) -> dict[str, Any]:
-    """What decides a score: the checkpoint's weights (content hash), the backend, the limits, the image root."""
+def scoring_identity(cfg: ScoreConfig, checkpoint: str | None) -> dict[str, Any]:
+    """What decides a score: the checkpoint's weights (content hash) and the backend, or another scorer's name
+    and settings; the limits, the image root."""
     from sr_ray.score import model_file
 
+    common = {"limits": to_dict(cfg.limits), "image_root": cfg.image_root}
+    if cfg.scorer != "social_reward":
+        settings = to_dict(cfg.scorer_settings())
+        return {"scorer": cfg.scorer, "settings": settings.get(cfg.scorer, settings["plugins"].get(cfg.scorer)),
+                **common}
     return {"checkpoint_sha256": identity.content_hash(str(model_file(checkpoint))), "backend": cfg.backend,
-            "limits": to_dict(cfg.limits), "image_root": cfg.image_root}
+            **common}
 
 
 def check_out(cfg: ScoreConfig, gen_uri: str) -> None:
@@ -360,7 +418,7 @@ def write_shard(cfg: ScoreConfig, f: InputFile, parts: list) -> dict[str, Any]:
     return record
 
 
-def build_pipeline(cfg: ScoreConfig, files: list[InputFile], model_cfg: dict, checkpoint: str):
+def build_pipeline(cfg: ScoreConfig, files: list[InputFile], model_cfg: dict | None, checkpoint: str | None):
     """row groups (blocks of block_rows) -> decode + preprocess (CPU tasks) -> scorer actor pool.
 
     Ray Data fuses the decode stage into the scorer actors when both ask for the
@@ -373,10 +431,14 @@ def build_pipeline(cfg: ScoreConfig, files: list[InputFile], model_cfg: dict, ch
                       max_rows_per_block=cfg.block_rows, num_cpus=cfg.decode_num_cpus)
     ds = ds.map_batches(GenerationPreprocessor(model_cfg, cfg.s3_endpoint, cfg.image_root, to_dict(cfg.limits)),
                         batch_format="numpy", batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
+    if cfg.scorer == "social_reward":
+        actor, kwargs = GenerationScorer, {"checkpoint": checkpoint, "backend": cfg.backend, "compile": cfg.compile,
+                                           "text_cache_size": cfg.text_cache_size, "torch_threads": cfg.torch_threads}
+    else:
+        actor, kwargs = AnyScorer, {"name": cfg.scorer, "settings": to_dict(cfg.scorer_settings()),
+                                    "batch_size": cfg.batch_size, "torch_threads": cfg.torch_threads}
     return ds.map_batches(
-        GenerationScorer, batch_format="numpy", batch_size=cfg.batch_size,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "backend": cfg.backend, "compile": cfg.compile,
-                               "text_cache_size": cfg.text_cache_size, "torch_threads": cfg.torch_threads},
+        actor, batch_format="numpy", batch_size=cfg.batch_size, fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0)
 
@@ -423,7 +485,7 @@ class _Progress:
                  100 * self.rows / max(self.total, 1), rate, self.rejected, (self.total - self.rows) / max(rate, 1e-9))
 
 
-def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict, checkpoint: str) -> _Progress:
+def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkpoint: str | None) -> _Progress:
     """Score the files in ``todo`` on Ray; empty files are committed without it."""
     from sr_ray.ray_utils import check_resources, init_ray
 
@@ -464,8 +526,10 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     check_out(cfg, gen_uri)
     files = inspect_inputs(gen_uri, cfg.s3_endpoint)
     check_rows(files, cfg.s3_endpoint, gen_uri)
-    checkpoint = cfg.checkpoint or demo_checkpoint()
-    model_cfg = checkpoint_model_config(checkpoint)
+    checkpoint = model_cfg = None
+    if cfg.scorer == "social_reward":
+        checkpoint = cfg.checkpoint or cfg.social_reward.checkpoint or demo_checkpoint()
+        model_cfg = checkpoint_model_config(checkpoint)
     identity.claim(cfg.out, MANIFEST, scoring_identity(cfg, checkpoint), f"out={storage.redact(cfg.out)}",
                    "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
     done = finished_shards(cfg, files)
@@ -485,8 +549,8 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
                "images_per_s": round(prog.rows / run_s, 2) if prog.rows else None,
                "startup_s": round(first - t_run_wall, 1) if first else None,
                "steady_images_per_s": round(steady, 2) if steady else None,
-               "shards": len(files), "shards_skipped": len(done), "backend": cfg.backend,
-               "checkpoint": storage.redact(checkpoint), "generations": storage.redact(gen_uri),
+               "shards": len(files), "shards_skipped": len(done), "backend": cfg.backend, "scorer": cfg.scorer,
+               "checkpoint": storage.redact(checkpoint) if checkpoint else None, "generations": storage.redact(gen_uri),
                "output": storage.redact(cfg.out), "rejects": storage.redact(storage.join(cfg.out, REJECTS)),
                "wall_s": round(time.perf_counter() - t0, 1)}
     if rows and rejected / rows > cfg.max_reject_rate:

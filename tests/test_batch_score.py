@@ -207,3 +207,28 @@ def test_decode_runs_in_cpu_tasks_when_the_scorers_take_gpus(ray_cluster, checkp
     assert "ActorPoolMapOperator[MapBatches(GenerationScorer)]" in plans[True]
     assert "TaskPoolMapOperator[MapBatches(GenerationPreprocessor)]" in plans[True]
     assert "ActorPoolMapOperator[MapBatches(GenerationPreprocessor)->MapBatches(GenerationScorer)]" in plans[False]
+
+
+def test_any_scorer_scores_generations_with_its_own_preprocessing(ray_cluster, tmp_path):
+    """scorer=<import path>: the same job, decode-only CPU stage, the scorer's actor; rejects counted; a re-run
+    with other scorer settings refused, naming them."""
+    from PIL import Image
+
+    from sr_ray import images
+    from sr_ray.config import ConfigError
+
+    colours = [(255, 0, 0), (0, 255, 0), (128, 64, 0)]
+    cols = {"generation_id": ["r", "g", "o", "bad"], "prompt": ["a", "a", "b", "b"],
+            "image": [images.encode_png(Image.new("RGB", (16, 16), c)) for c in colours] + [b"junk"]}
+    (tmp_path / "gen").mkdir()
+    pq.write_table(pa.table(cols), tmp_path / "gen" / "part-0.parquet")
+    base = dict(generations=str(tmp_path / "gen"), out=str(tmp_path / "scores"), batch_size=2, decode_batch_size=2,
+                scorer="plugin_scorers:redness", plugins={"plugin_scorers:redness": {"scale": 2.0}})
+    s = score_generations(ScoreConfig(**base))
+    assert (s["scored"], s["rejected"], s["scorer"], s["checkpoint"]) == (3, 1, "plugin_scorers:redness", None)
+    out = read_dir(tmp_path / "scores").to_pandas().set_index("generation_id")["score"]
+    assert out.to_dict() == pytest.approx({"r": 2.0, "g": -2.0, "o": 2 * (128 - 64) / 255})  # 2 (mean R - mean G)
+    with pytest.raises(ConfigError, match="settings"):
+        score_generations(ScoreConfig(**{**base, "plugins": {"plugin_scorers:redness": {"scale": 3.0}}}))
+    with pytest.raises(ValueError, match="only the social_reward scorer"):
+        ScoreConfig(scorer="pickscore", backend="deepspeed")

@@ -270,14 +270,17 @@ def plot_win_rates(t6: pd.DataFrame) -> bytes:
     w = 0.8 / max(1, len(metrics))
     for j, m in enumerate(metrics):
         part = t6[t6["metric"] == m]
-        ax.bar(np.arange(len(part)) + j * w, part["win_rate"] * 100, w, label=m)
+        rate = part["win_rate"].to_numpy() * 100
+        err = np.vstack([rate - part["ci_low"].to_numpy() * 100, part["ci_high"].to_numpy() * 100 - rate])
+        ax.bar(np.arange(len(part)) + j * w, rate, w, yerr=np.nan_to_num(np.clip(err, 0, None)), capsize=2, label=m)
     ax.axhline(50, color="grey", ls="--", lw=1)
     ax.set_xticks(np.arange(len(groups)) + w * (len(metrics) - 1) / 2)
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylabel("win-rate over baseline (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Table 6: win-rate per prompt (mean of its images)")
-    ax.legend(fontsize=8)
+    ax.set_title("Table 6: win-rate per prompt (mean of its images), bootstrap intervals over prompts", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     return images.figure_png(fig)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sr_ray.eval.scorers.base import (autocast, check_batch, device_of, fetch_weights, load_state,
+from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, in_batches, load_state,
                                       random_weights_warning, rgb, seeded)
 from sr_ray.eval.scorers.clip import open_clip_pretrained
 
@@ -101,10 +101,8 @@ class LaionAesthetic:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], images: Sequence) -> np.ndarray:
-        check_batch(prompts, images)
-        out = [self.head(self.embed(images[s:s + self.batch_size])).float().squeeze(-1).cpu()
-               for s in range(0, len(images), self.batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        return in_batches(lambda _, ims: self.head(self.embed(ims)).float().squeeze(-1).cpu(), prompts, images,
+                          self.batch_size)
 
 
 def build(cfg: AestheticConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):

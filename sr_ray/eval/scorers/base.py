@@ -67,6 +67,14 @@ def check_batch(prompts: Sequence[str], images: Sequence) -> None:
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
 
 
+def in_batches(batch_fn, prompts: Sequence[str], images: Sequence, batch_size: int) -> np.ndarray:
+    """``batch_fn(prompts, images) -> (n,) tensor`` over slices of ``batch_size``; (N,) float32 numpy."""
+    check_batch(prompts, images)
+    out = [batch_fn(list(prompts[s:s + batch_size]), list(images[s:s + batch_size]))
+           for s in range(0, len(images), batch_size)]
+    return torch.cat(out).float().numpy() if out else np.zeros(0, np.float32)
+
+
 def seeded(seed: int = 0):
     """Random-weight small models: the same weights in every process (fork of the global RNG)."""
     @contextlib.contextmanager
@@ -160,4 +168,5 @@ def load_state(path: str, key: str) -> dict:
 
 
 def random_weights_warning(name: str) -> None:
-    log.warning("[%s] random weights of a small variant: demo/test only, not the published model", name)
+    log.warning("[%s] random weights (no weights given): demo, tests and benchmarks only, not the published model",
+                name)

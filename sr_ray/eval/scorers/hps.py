@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sr_ray.eval.scorers.base import (autocast, check_batch, device_of, fetch_weights, load_state,
-                                      random_weights_warning, rgb, seeded)
+from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, load_state,
+                                      in_batches, random_weights_warning, rgb,
+                                      seeded)
 
 VERSIONS = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,10 +110,7 @@ class HPS:
         return (im * t[idx]).sum(-1).cpu()
 
     def score(self, prompts: Sequence[str], images: Sequence) -> np.ndarray:
-        check_batch(prompts, images)
-        out = [self._batch(list(prompts[s:s + self.batch_size]), list(images[s:s + self.batch_size]))
-               for s in range(0, len(images), self.batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        return in_batches(self._batch, prompts, images, self.batch_size)
 
 
 def build(cfg: HPSConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from sr_ray.eval.scorers.aesthetic import MLPHead
-from sr_ray.eval.scorers.base import (autocast, check_batch, device_of, fetch_weights, load_state,
-                                      random_weights_warning, rgb, seeded)
+from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, load_state,
+                                      in_batches, random_weights_warning, rgb,
+                                      seeded)
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 MAX_LENGTH = 35
@@ -190,10 +191,7 @@ class ImageReward:
             return self.model(text.input_ids, text.attention_mask, pix).float().cpu()
 
     def score(self, prompts: Sequence[str], images: Sequence) -> np.ndarray:
-        check_batch(prompts, images)
-        out = [self._batch(list(prompts[s:s + self.batch_size]), list(images[s:s + self.batch_size]))
-               for s in range(0, len(images), self.batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        return in_batches(self._batch, prompts, images, self.batch_size)
 
 
 def build(cfg: ImageRewardConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):

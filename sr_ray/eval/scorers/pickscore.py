@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sr_ray.eval.scorers.base import (autocast, check_batch, device_of, fetch_weights, random_weights_warning, rgb,
-                                      seeded)
+from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, in_batches, random_weights_warning,
+                                      rgb, seeded)
 
 PAPER_MODEL = "yuvalkirstain/PickScore_v1"
 PAPER_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -129,10 +129,7 @@ class PickScore:
         return (self.model.logit_scale.exp().float() * (t[idx] * im).sum(-1)).cpu()
 
     def score(self, prompts: Sequence[str], images: Sequence) -> np.ndarray:
-        check_batch(prompts, images)
-        out = [self._batch(list(prompts[s:s + self.batch_size]), list(images[s:s + self.batch_size]))
-               for s in range(0, len(images), self.batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        return in_batches(self._batch, prompts, images, self.batch_size)
 
 
 def build(cfg: PickScoreConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):
