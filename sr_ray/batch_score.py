@@ -43,7 +43,7 @@ from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
 from sr_ray.data import preprocessing, read_image_bytes
-from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
+from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,8 @@ def scoring_identity(cfg: ScoreConfig, checkpoint: str | None) -> dict[str, Any]
     common = {"limits": to_dict(cfg.limits), "image_root": cfg.image_root}
     if cfg.scorer != "social_reward":
         settings = to_dict(cfg.scorer_settings())
-        return {"scorer": cfg.scorer, "settings": settings.get(cfg.scorer, settings["plugins"].get(cfg.scorer)),
+        own = settings.get(cfg.scorer, settings["plugins"].get(cfg.scorer)) or {}
+        return {"scorer": cfg.scorer, "settings": own, "weights": weights_fingerprint(own, cfg.s3_endpoint),
                 **common}
     return {"checkpoint_sha256": identity.content_hash(str(model_file(checkpoint))), "backend": cfg.backend,
             **common}

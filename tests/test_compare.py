@@ -143,3 +143,27 @@ def test_accuracy_markdown_cells():
                        "pairs": 1234, "tie_policy": "half"}])
     md = accuracy_markdown(t, 0.95)
     assert "| m | 69.7 [67.1, 72.0] (1,234) |" in md and "counts as: half" in md
+
+
+def test_new_weights_at_the_same_path_are_scored_again(ray_cluster, tmp_path):
+    """A result is reused only while the weights it was scored with are unchanged (a replaced head file)."""
+    import torch
+
+    triplet_set(tmp_path / "t")
+    head = tmp_path / "head.pth"
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(32, 1).state_dict(), head)
+    cfg = cfg_of(tmp_path, test=[str(tmp_path / "t")], scorers=["laion_aesthetic"],
+                 laion_aesthetic={"weights": str(head)})
+    first = compare_rewards(cfg)
+    assert compare_rewards(cfg)["results_reused"] == 1
+    lin = torch.nn.Linear(32, 1)
+    with torch.no_grad():
+        lin.weight.copy_(-torch.load(head)["weight"])  # the opposite head: every order flips
+        lin.bias.zero_()
+    torch.save(lin.state_dict(), head)
+    os.utime(head, ns=(os.stat(head).st_atime_ns, os.stat(head).st_mtime_ns + 10**9))
+    again = compare_rewards(cfg)
+    assert again["results_reused"] == 0
+    a, b = first["results"]["t"]["laion_aesthetic"]["accuracy"], again["results"]["t"]["laion_aesthetic"]["accuracy"]
+    assert a + b == pytest.approx(1.0, abs=1e-5)  # 9 rated pairs, none tied by the head: flipped orders

@@ -37,7 +37,7 @@ from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
 from sr_ray.diffusion.generate import ActorPoolConfig
 from sr_ray.eval import preference_sets, stats
-from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
+from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 
 log = logging.getLogger("sr_ray.eval.compare")
 
@@ -237,7 +237,8 @@ def result_record(cfg: CompareConfig, ts: TestSet, scorer: str) -> dict[str, Any
     settings = to_dict(cfg.scorer_settings())
     own = settings.get(scorer) if scorer in settings else settings["plugins"].get(scorer, {})
     return {"set": ts.identity(), "scorer": scorer, "settings": own, "bf16": cfg.bf16,
-            "limits": to_dict(cfg.limits), "image_root": cfg.image_root}
+            "weights": weights_fingerprint(own, cfg.s3_endpoint), "limits": to_dict(cfg.limits),
+            "image_root": cfg.image_root}
 
 
 def finished(cfg: CompareConfig, ts: TestSet, scorer: str) -> bool:

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from sr_ray import storage
+from sr_ray.core import identity
 
 from sr_ray.eval.scorers.aesthetic import AestheticConfig
 from sr_ray.eval.scorers.base import Scorer
@@ -107,3 +111,20 @@ def scorer_kwargs(settings: ScorerSettings) -> dict[str, Any]:
     from sr_ray.config import to_dict
 
     return to_dict(settings)
+
+
+def weights_fingerprint(section: dict[str, Any], endpoint: str | None = None) -> dict[str, str]:
+    """For every setting of a scorer's section that names a local path or an ``s3://`` object: a fingerprint of
+    its files (names, sizes, modification times). A result recorded with it is not reused once the weights at
+    that path change (a re-trained checkpoint, a replaced file)."""
+    out = {}
+    for key, value in section.items():
+        if not isinstance(value, str):
+            continue
+        local = os.path.expanduser(value)
+        if storage.is_s3(value) or os.path.exists(local):
+            try:
+                out[key] = identity.folder_fingerprint(value if storage.is_s3(value) else local, endpoint)
+            except (OSError, ValueError) as e:  # unreadable now: the scorer will say so when it loads
+                out[key] = f"unreadable: {type(e).__name__}"
+    return out
