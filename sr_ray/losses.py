@@ -34,21 +34,34 @@ class LossConfig:
 
 
 def triplet(t, p, n, cfg: LossConfig, prompt_ids=None) -> torch.Tensor:
-    """Triplet loss (the paper's choice): mean_i max(0, ||t_i - p_i||^2 - ||t_i - n_i||^2 + alpha)."""
+    """Triplet loss (the paper's choice): mean_i max(0, ||t_i - p_i||^2 - ||t_i - n_i||^2 + alpha).
+
+    On unit vectors ||a - b||^2 = 2 - 2 a.b, so the hinge is max(0, 2 (s-_i - s+_i) + alpha) with
+    s+_i = t_i.p_i, s-_i = t_i.n_i: alpha = 0.3 asks for a cosine margin of alpha / 2 = 0.15.
+    """
     d_pos = (t - p).pow(2).sum(-1)
     d_neg = (t - n).pow(2).sum(-1)
     return F.relu(d_pos - d_neg + cfg.margin).mean()
 
 
 def infonce(t, p, n, cfg: LossConfig, prompt_ids=None) -> torch.Tensor:
-    """InfoNCE: each prompt picks its popular image among all 2B images of the batch.
+    """InfoNCE: each prompt picks its popular image among the 2B images of the batch, other popular images of
+    its own prompt left out (they are not negatives).
 
     logits_ij = t_i . c_j / tau over candidates c = [p_1..p_B, n_1..n_B];
-    loss = mean_i -log softmax_j(logits_i)[j = i]  (the target is p_i).
+    loss = mean_i -log( exp(logits_ii) / sum_{j in C(i)} exp(logits_ij) ),
+    C(i) = every candidate but the p_j (j != i) whose prompt_ids[j] == prompt_ids[i]. Without ``prompt_ids``
+    every triplet is its own prompt.
     """
+    b = t.shape[0]
     cands = torch.cat([p, n], dim=0)
     logits = t @ cands.T / cfg.temperature
-    target = torch.arange(t.shape[0], device=t.device)
+    if prompt_ids is not None:
+        same = prompt_ids[:, None] == prompt_ids[None, :]
+        same &= ~torch.eye(b, dtype=torch.bool, device=t.device)  # keep each prompt's own target
+        mask = torch.cat([same, torch.zeros_like(same)], dim=1)  # unpopular images stay negatives
+        logits = logits.masked_fill(mask, float("-inf"))
+    target = torch.arange(b, device=t.device)
     return F.cross_entropy(logits, target)
 
 

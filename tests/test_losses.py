@@ -28,6 +28,31 @@ def test_infonce_by_hand():
     assert compute_loss(T, P, N, LossConfig("infonce", temperature=tau)).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_infonce_leaves_other_positives_of_the_same_prompt_out():
+    # two triplets of one prompt, same t; p2 at 90 degrees from t (cos 0), n1 = n2 = n (cos 0), tau = 1.
+    # Unmasked, t1's denominator holds p1, p2, n, n; masked, p2 is gone: -log(e^.5 / (e^.5 + 2)).
+    p2 = torch.tensor([[0.0, 1.0]])
+    t, p, n = torch.cat([T, T]), torch.cat([P, p2]), torch.cat([N, N])
+    cfg = LossConfig("infonce", temperature=1.0)
+    e = math.exp(0.5)
+    l1 = -math.log(e / (e + 2))          # anchor 1: target p1, negatives n, n
+    l2 = -math.log(1 / (1 + 2))          # anchor 2: target p2 (logit 0), negatives n, n
+    assert compute_loss(t, p, n, cfg, torch.tensor([3, 3])).item() == pytest.approx((l1 + l2) / 2, rel=1e-6)
+    # different prompts: p2 is a negative of t1 and p1 of t2
+    u1, u2 = -math.log(e / (e + 1 + 2)), -math.log(1 / (e + 1 + 2))
+    assert compute_loss(t, p, n, cfg, torch.tensor([3, 4])).item() == pytest.approx((u1 + u2) / 2, rel=1e-6)
+    assert compute_loss(t, p, n, cfg).item() == pytest.approx((u1 + u2) / 2, rel=1e-6)
+
+
+def test_triplet_margin_is_half_a_cosine_margin():
+    # on unit vectors the hinge is 2 (s- - s+) + alpha: zero exactly when s+ - s- >= alpha / 2
+    for gap, alpha in ((0.15, 0.3), (0.2, 0.3), (0.1, 0.3)):
+        t = torch.tensor([[1.0, 0.0]])
+        ang = lambda c: torch.tensor([[c, math.sqrt(1 - c * c)]])  # noqa: E731
+        loss = compute_loss(t, ang(0.5 + gap), ang(0.5), LossConfig("triplet", margin=alpha)).item()
+        assert loss == pytest.approx(max(0.0, 2 * (-gap) + alpha), abs=1e-6)
+
+
 def test_supcon_by_hand():
     # anchors t and p over {t, p, n}: cos(t,p)=0.5, cos(t,n)=0, cos(p,n)=sqrt(3)/2
     tau = 1.0
