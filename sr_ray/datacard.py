@@ -90,18 +90,70 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     lines += [f"| {s} | {c['prompts_per_split'][s]:,} | {c['triplets'][s]:,} |" for s in ("train", "val", "test")]
     lines += ["", "Remix counts: " + ", ".join(f"{k} {v}" for k, v in rs.items()), "",
-              "![distributions](distributions.png)", ""]
+              "![distributions](distributions.png)", "", "Some triplets (first of a few prompts):", "",
+              "![triplets](triplets.png)", ""]
     if summary.get("bad_image_examples"):
         lines += ["## Bad images (first 20)", ""] + [f"- `{u}`: {r}" for u, r in
                                                       summary["bad_image_examples"].items()] + [""]
     return "\n".join(lines)
 
 
+def sample_triplets(out: str, endpoint: str | None, prompts: int = 6) -> list[tuple[str, bytes, bytes]]:
+    """(prompt, popular image, unpopular image) of the first triplet of up to ``prompts`` distinct prompts of the
+    first packed split (train, else val, else test); none when the shards hold paths, not bytes."""
+    import pyarrow.parquet as pq
+
+    for split in ("train", "val", "test"):
+        try:
+            files = storage.list_files(storage.join(out, split), endpoint=endpoint)
+        except FileNotFoundError:
+            continue
+        fs, _ = storage.resolve(out, endpoint)
+        rows: dict[str, tuple[str, bytes, bytes]] = {}
+        for f in files:
+            with fs.open_input_file(f) as fh:
+                pf = pq.ParquetFile(fh)
+                if "pos_image" not in pf.schema_arrow.names:
+                    return []
+                for r in pf.read(columns=["prompt", "pos_image", "neg_image"]).to_pylist():
+                    rows.setdefault(r["prompt"], (r["prompt"], r["pos_image"], r["neg_image"]))
+                    if len(rows) == prompts:
+                        return list(rows.values())
+        if rows:
+            return list(rows.values())
+    return []
+
+
+def triplet_grid(rows: list[tuple[str, bytes, bytes]], cell: int = 128) -> bytes:
+    """PNG (paper Fig. 2): a row per prompt, its popular image left, an unpopular one right, the prompt above."""
+    from PIL import Image, ImageDraw
+
+    cap, head, gap = 16, 18, 8
+    canvas = Image.new("RGB", (2 * cell + gap, head + len(rows) * (cap + cell + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), "popular", fill="darkgreen")
+    draw.text((cell + gap + 2, 2), "unpopular", fill="darkred")
+    for k, (prompt, pos, neg) in enumerate(rows):
+        y = head + k * (cap + cell + 4)
+        draw.text((2, y + 2), prompt[:int(canvas.width / 6)], fill="black")
+        for j, data in enumerate((pos, neg)):
+            try:
+                canvas.paste(images.decode(data).resize((cell, cell), Image.BICUBIC), (j * (cell + gap), y + cap))
+            except images.BadImage:
+                draw.rectangle([j * (cell + gap), y + cap, j * (cell + gap) + cell - 1, y + cap + cell - 1],
+                               outline="red")
+    return images.encode_png(canvas)
+
+
 def write_datacard(out: str, summary: dict, cfg, hist: dict, endpoint: str | None) -> None:
-    """Adds ``remix_distribution`` and ``config`` to ``summary`` and writes the three files under ``out``."""
+    """Adds ``remix_distribution`` and ``config`` to ``summary`` and writes the files under ``out`` (with
+    ``triplets.png``, a few training triplets, when the shards hold image bytes)."""
     summary["remix_distribution"] = remix_summary(hist["remix_values"], hist["remix_counts"])
     summary["config"] = to_dict(cfg)
     storage.write_text(storage.join(out, "datacard.json"), json.dumps(summary, indent=1, default=float), endpoint)
     storage.write_text(storage.join(out, "REPORT.md"), markdown(summary), endpoint)
     storage.write_bytes(storage.join(out, "distributions.png"),
                         plot(hist, summary["counts"]["view_threshold"], summary["counts"]["remix_cutoff"]), endpoint)
+    rows = sample_triplets(out, endpoint)
+    if rows:
+        storage.write_bytes(storage.join(out, "triplets.png"), triplet_grid(rows), endpoint)
