@@ -101,8 +101,8 @@ def test_models_and_metrics_checked_before_any_work(tmp_path):
     assert check_models({"b": "tiny", "hub": "stabilityai/stable-diffusion-2-1-base"})["hub"].startswith("stabilityai")
     with pytest.raises(ValueError, match="metrics: unknown scorer 'pickscor'"):
         EvaluateT2IConfig(metrics=["pickscor"])
-    with pytest.raises(ValueError, match="best_of_n=hps"):
-        EvaluateT2IConfig(best_of_n="hps")
+    with pytest.raises(ValueError, match=r"best_of_n=\['hps'\]: not among metrics"):
+        EvaluateT2IConfig(best_of_n=["hps"])
     assert set(BUILTIN) >= set(PAPER_METRICS) and len(PAPER_METRICS) == 6
 
 
@@ -151,7 +151,7 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
                                                                   str(tmp_path / "general.txt")],
         sampling=SamplingConfig(images_per_prompt=2, steps=3),
         metrics=["social_reward", "clip", "pickscore"], social_reward=SocialRewardConfig(checkpoint=str(sd_dirs)),
-        best_of_n="pickscore", n_boot=200,
+        best_of_n=["pickscore", "social_reward"], n_boot=200,
         grid_prompts=2, out=str(tmp_path / "eval"))
     cfg.generation.batch_size, cfg.generation.prompts_per_shard, cfg.generation.cpus_per_actor = 4, 2, 0.5
     cfg.scoring.cpus_per_actor = 0.5
@@ -184,9 +184,13 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
     grid = Image.open(tmp_path / "eval" / "grid-internal.png")
     assert grid.size == (4 * 128 + 6, 16 + 2 * (16 + 128))  # 2 models x 2 images, 2 prompts
     picks = pd.read_parquet(tmp_path / "eval" / "best_of_n.parquet")
-    assert len(picks) == 10 and picks["image"].notna().all()
-    assert (picks.groupby(["model", "prompt"])["pickscore"].max().values ==  # best-of-N by another scorer
-            scores.groupby(["model", "prompt"])["pickscore"].max().values).all()
+    assert len(picks) == 2 * 10 and picks["image"].notna().all()
+    for by in ("pickscore", "social_reward"):  # best-of-N by each scorer: its own maximum per (model, prompt)
+        mine = picks[picks["picked_by"] == by]
+        assert (mine.groupby(["model", "prompt"])[by].max().values ==
+                scores.groupby(["model", "prompt"])[by].max().values).all()
+    fig1 = Image.open(tmp_path / "eval" / "best_of_n.png")  # paper Fig. 1: 2 sets x 2 prompts, a column per scorer
+    assert fig1.size == (2 * 128 + 6, 16 + 4 * (16 + 128))
     assert "Table 6" in (tmp_path / "eval" / "report.md").read_text()
     # a re-run generates nothing (all shards there) and gives the same tables
     before = (tmp_path / "eval" / "table6.csv").read_text()

@@ -16,8 +16,9 @@
    ``table6.md/.csv`` and ``win_rates.png``), an image grid per prompt set
    (``grid-<set>.png``: a row per prompt, the models' images side by side), and
    ``report.md`` with all of it;
-4. with ``best_of_n=<metric>`` (paper Fig. 1): keeps the top image of each
-   (model, prompt) by that metric -> ``best_of_n.parquet`` (with image bytes) and
+4. with ``best_of_n=[<metric>, ...]`` (paper Fig. 1): keeps the top image of each
+   (model, prompt) by each metric -> ``best_of_n.parquet`` (with image bytes, ``picked_by``),
+   ``best_of_n.png`` (the picks of every metric side by side, a row per prompt) and
    ``best_of_n.md/.csv`` (each metric's mean over the picks vs over all images,
    i.e. over a random pick).
 """
@@ -76,8 +77,9 @@ class EvaluateT2IConfig(ScorerSettings):
     """Bootstrap replicates of the intervals (Table 5 means, Table 6 win-rates; resampling prompts)."""
     level: float = 0.95
     scoring: ScoringComputeConfig = field(default_factory=ScoringComputeConfig)
-    best_of_n: str | None = None
-    """Best-of-N (paper Fig. 1): keep each (model, prompt)'s top image by this metric; N = images_per_prompt."""
+    best_of_n: list[str] = field(default_factory=list)
+    """Best-of-N (paper Fig. 1): keep each (model, prompt)'s top image by each of these metrics (N =
+    images_per_prompt); several: ``best_of_n.png`` shows their picks side by side."""
     grid_prompts: int = 4
     """Prompts per set in the image grids."""
     generations: str | None = None
@@ -94,8 +96,9 @@ class EvaluateT2IConfig(ScorerSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"models: {names} name a model twice (baseline and finetuned are taken)")
         check_names(self.metrics, "metrics")
-        if self.best_of_n is not None and self.best_of_n not in self.metrics:
-            raise ValueError(f"best_of_n={self.best_of_n}: not one of metrics {self.metrics}")
+        unknown = [m for m in self.best_of_n if m not in self.metrics]
+        if unknown:
+            raise ValueError(f"best_of_n={unknown}: not among metrics {self.metrics}")
         if self.grid_prompts < 0:
             raise ValueError("grid_prompts must be >= 0")
 
@@ -421,22 +424,40 @@ def _writer(cfg: EvaluateT2IConfig):
                                                   data if isinstance(data, bytes) else data.encode(), cfg.s3_endpoint)
 
 
+def best_of_n_figure(picked: pd.DataFrame, k: int) -> bytes:
+    """PNG (paper Fig. 1): per prompt set, its first ``k`` prompts, a row each: the image every scorer picked for
+    the last model (the fine-tuned one when there is one), side by side under the scorer's name."""
+    model = sorted(set(picked["model"]) - {"baseline"})[-1] if set(picked["model"]) - {"baseline"} else "baseline"
+    part = picked[picked["model"] == model]
+    rows = []
+    for _, ps in part.groupby("prompt_set", sort=True):
+        for prompt in list(dict.fromkeys(ps.sort_values("prompt_index")["prompt"]))[:k]:
+            cell = ps[ps["prompt"] == prompt].set_index("picked_by")["image"]
+            rows.append((f"{model}: {prompt}", [(by, [cell[by]]) for by in dict.fromkeys(part["picked_by"])]))
+    return image_grid(rows)
+
+
 def _best_of_n_part(cfg: EvaluateT2IConfig, scores: pd.DataFrame, gen_uri: str) -> tuple[list[str], dict]:
-    """Best-of-N picks and their table written; (report lines, summary entry)."""
+    """Best-of-N picks of every ``best_of_n`` metric, their table and picture written; (report lines, summary)."""
     w, names = _writer(cfg), cfg.metrics
-    picks = best_of_n(scores, cfg.best_of_n)
-    bt = best_of_n_table(scores, picks, names)
-    imgs = _pick_images(gen_uri, list(picks["generation_id"]), cfg.s3_endpoint).to_pandas()
-    storage.write_parquet(pa.Table.from_pandas(picks.merge(imgs, on="generation_id", how="left"),
-                                               preserve_index=False),
+    picks = pd.concat([best_of_n(scores, by).assign(picked_by=by) for by in cfg.best_of_n], ignore_index=True)
+    bt = pd.concat([best_of_n_table(scores, picks[picks["picked_by"] == by], names).assign(picked_by=by)
+                    for by in cfg.best_of_n], ignore_index=True)
+    imgs = _pick_images(gen_uri, list(dict.fromkeys(picks["generation_id"])), cfg.s3_endpoint).to_pandas()
+    picked = picks.merge(imgs, on="generation_id", how="left")
+    storage.write_parquet(pa.Table.from_pandas(picked, preserve_index=False),
                           storage.join(cfg.out, "best_of_n.parquet"), cfg.s3_endpoint)
     w("best_of_n.csv", bt.to_csv(index=False))
     w("best_of_n.md", _md_table(bt) + "\n")
+    if cfg.grid_prompts:
+        w("best_of_n.png", best_of_n_figure(picked, cfg.grid_prompts))
     n = int(scores.groupby(["model", "prompt_set", "prompt"]).size().max())
-    lines = [f"## Best-of-{n} by {cfg.best_of_n}", "",
-             "Mean of each metric over the kept images vs over all images (a random pick).", "", _md_table(bt), ""]
-    return lines, {"metric": cfg.best_of_n, "n": n, "picks": int(len(picks)),
-                   "gain": {f"{r.prompt_set}/{r.model}/{r.metric}": round(r.gain, 5) for r in bt.itertuples()}}
+    lines = [f"## Best-of-{n} by {', '.join(cfg.best_of_n)}", "",
+             "Mean of each metric over the kept images vs over all images (a random pick).", "", _md_table(bt), "",
+             "![best of n](best_of_n.png)", ""]
+    return lines, {"metrics": cfg.best_of_n, "n": n, "picks": int(len(picks)),
+                   "gain": {f"{r.picked_by}/{r.prompt_set}/{r.model}/{r.metric}": round(r.gain, 5)
+                            for r in bt.itertuples()}}
 
 
 def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
