@@ -80,6 +80,10 @@ class SelectConfig:
     token_separator: str = ", "
     regularization_ratio: float = 1.0
     """Regularization rows per selected (best + worst) row; the paper mixes in as many as selected."""
+    val_prompts: float = 0.1
+    """Share of the selectable prompts held out of the fine-tune set (seeded by prompt, so prompt-disjoint and
+    the same on every run) and written as ``internal.jsonl`` beside it: the paper's "internal" evaluation
+    prompts, which evaluate_t2i uses by default for a fine-tuning run on this set."""
     rows_per_shard: int = 1000
     seed: int = 0
     """Seed of the regularization sample and of the shuffle."""
@@ -105,6 +109,8 @@ class SelectConfig:
             raise ValueError("token_position must be suffix or prefix")
         if self.regularization_ratio < 0:
             raise ValueError("regularization_ratio must be >= 0")
+        if not 0 <= self.val_prompts < 1:
+            raise ValueError("val_prompts must be in [0, 1)")
         if self.rows_per_shard < 1 or self.batch_rows < 1:
             raise ValueError("rows_per_shard and batch_rows must be >= 1")
         if not 0.0 <= self.max_bad_image_rate <= 1.0:
@@ -116,6 +122,16 @@ def with_token(prompt: str, cfg: SelectConfig) -> str:
     if cfg.token_position == "prefix":
         return f"{cfg.token}{cfg.token_separator}{prompt}"
     return f"{prompt}{cfg.token_separator}{cfg.token}"
+
+
+INTERNAL = "internal.jsonl"
+"""The held-out prompts beside a fine-tune set (a prompt file: its set is named 'internal')."""
+
+
+def held_out(seed: int, prompt: str, share: float) -> bool:
+    """Whether ``prompt`` is one of the held-out evaluation prompts: a seeded hash of the prompt alone, so
+    every image of a prompt goes the same way and a re-run holds out the same prompts."""
+    return share > 0 and row_key(seed, f"val-prompt:{prompt}") % 1_000_000 < share * 1_000_000
 
 
 def row_key(seed: int, ident: str) -> int:
@@ -330,7 +346,7 @@ def markdown(report: dict[str, Any]) -> str:
     for k in ("best", "worst", "regularization", "rows"):
         lines.append(f"| {k} | {c[k]:,} |")
     lines += ["", "| prompts | count |", "| --- | ---: |"]
-    for k in ("prompts", "prompts_selected", "prompts_too_few_images", "prompts_within_margin"):
+    for k in ("prompts", "prompts_selected", "prompts_too_few_images", "prompts_within_margin", "prompts_held_out"):
         lines.append(f"| {k.replace('prompts_', '').replace('_', ' ') if k != 'prompts' else 'all'} | {c[k]:,} |")
     lines += ["", f"Worst prompts carry `{report['token_example']}`; use the token as the negative prompt at "
               f"inference.", "", "| score | n | mean | median | p05 | p95 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -416,11 +432,14 @@ def _pick(cfg: SelectConfig, inp: _Inputs) -> dict[str, Any]:
     enough = n_img >= cfg.min_images
     gap = best_s - worst_s
     chosen = enough & (gap > cfg.margin)
-    sel = per.filter(pa.array(chosen))
+    held = np.array([held_out(cfg.seed, p, cfg.val_prompts) for p in per.column("prompt").to_pylist()], bool)
+    held &= chosen
+    sel = per.filter(pa.array(chosen & ~held))
     log.info("[select] pass 1 (best/worst per prompt): %d prompts, %d with >= %d images, %d selected (%.1fs)",
              len(per), int(enough.sum()), cfg.min_images, len(sel), time.perf_counter() - t)
     return {"per": per, "sel": sel, "n_img": n_img, "best_s": best_s, "worst_s": worst_s, "enough": enough,
-            "gap": gap, "chosen": chosen}
+            "gap": gap, "chosen": chosen, "kept": chosen & ~held,
+            "held": sorted(per.filter(pa.array(held)).column("prompt").to_pylist())}
 
 
 def _regularization_plan(cfg: SelectConfig, reg_files: list, n_sel: int) -> tuple[list[tuple[str, int]], int, int]:
@@ -444,6 +463,7 @@ def _settings(cfg: SelectConfig, inp: _Inputs, n_shards: int) -> dict[str, Any]:
     return {"scores": inp.scores, "generations": inp.generations, "regularization": inp.reg_uri,
             "min_images": cfg.min_images, "margin": cfg.margin, "token": with_token("{prompt}", cfg),
             "regularization_ratio": cfg.regularization_ratio, "seed": cfg.seed, "shards": n_shards,
+            "val_prompts": cfg.val_prompts,
             "rows_per_shard": cfg.rows_per_shard,
             # the files as they are now: re-scored scores (same folder, new content) are other inputs
             "inputs": {"scores": [f.identity() for f in inp.score_files],
@@ -519,6 +539,7 @@ def _report(cfg: SelectConfig, inp: _Inputs, pick: dict, all_stats: list[dict], 
     best_s, worst_s, n_img = pick["best_s"], pick["worst_s"], pick["n_img"]
     counts = {"scored_rows": inp.rows, "prompts": len(per), "prompts_too_few_images": int((~enough).sum()),
               "prompts_within_margin": int((enough & ~chosen).sum()), "prompts_selected": len(pick["sel"]),
+              "prompts_held_out": len(pick["held"]),
               "unscored_rows": int(pc.sum(per.column("unscored")).as_py() or 0),
               **{s: sum(st[s] for st in all_stats) for s in SOURCES}, "rows": sum(st["rows"] for st in all_stats),
               "regularization_requested": n_reg_want, "regularization_available": reg_available,
@@ -527,16 +548,18 @@ def _report(cfg: SelectConfig, inp: _Inputs, pick: dict, all_stats: list[dict], 
         "out": cfg.out, "scores": inp.scores, "generations": inp.generations, "regularization": inp.reg_uri,
         "shards": n_shards, "shards_skipped": skipped, "counts": counts,
         "token_example": with_token("<prompt>", cfg),
-        "score_distribution": {"best": _dist(best_s[chosen]), "worst": _dist(worst_s[chosen]),
+        "score_distribution": {"best": _dist(best_s[pick["kept"]]), "worst": _dist(worst_s[pick["kept"]]),
                                "gap": _dist(gap[enough])},
         "images_per_prompt": {str(k): int(v) for k, v in zip(*np.unique(n_img, return_counts=True))},
         "bad_image_examples": dict(sorted(bad.items())[:20]), "config": to_dict(cfg),
         "wall_s": round(time.perf_counter() - t0, 1)}
     endpoint = cfg.s3_endpoint
     storage.write_text(storage.join(cfg.out, "report.json"), json.dumps(report, indent=1), endpoint)
+    storage.write_text(storage.join(cfg.out, INTERNAL), "".join(json.dumps({"prompt": p}) + "\n"
+                                                                 for p in pick["held"]), endpoint)
     storage.write_text(storage.join(cfg.out, "report.md"), markdown(report), endpoint)
     storage.write_bytes(storage.join(cfg.out, "score_distribution.png"),
-                        plot(best_s[chosen], worst_s[chosen], gap[enough], cfg.margin), endpoint)
+                        plot(best_s[pick["kept"]], worst_s[pick["kept"]], gap[enough], cfg.margin), endpoint)
     log.info("[select] %d rows (best %d, worst %d, regularization %d) in %d shards under %s; report.md beside them",
              counts["rows"], counts["best"], counts["worst"], counts["regularization"], n_shards, cfg.out)
     return report

@@ -223,3 +223,22 @@ def test_generation_job_alone_writes_the_generations_contract_and_notices_retrai
     pipeline(load_components(SDModelConfig(seed=3))).save_pretrained(tmp_path / "ft" / "pipeline")
     with pytest.raises(ConfigError, match="models.ft were generated from weights that have changed"):
         generate(cfg)
+
+
+def test_a_fine_tuning_runs_held_out_prompts_are_the_internal_set(tmp_path):
+    from sr_ray.eval.t2i import prompt_sets
+
+    (tmp_path / "ftset").mkdir()
+    (tmp_path / "ftset" / "internal.jsonl").write_text('{"prompt": "held one"}\n{"prompt": "held two"}\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(f"data:\n  train: {tmp_path / 'ftset'}\n")
+    (tmp_path / "parti.txt").write_text("a bond\n")
+    files, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run")))
+    assert sets["internal"] == ["held one", "held two"] and len(sets["general"]) == 12  # the demo's general set
+    files, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run"), prompts=[str(tmp_path / "parti.txt")]))
+    assert files[0].endswith("internal.jsonl") and sets == {"internal": ["held one", "held two"], "parti": ["a bond"]}
+    (tmp_path / "internal.txt").write_text("mine\n")  # an internal set given wins
+    _, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run"), prompts=[str(tmp_path / "internal.txt")]))
+    assert sets == {"internal": ["mine"]}
+    _, sets = prompt_sets(EvaluateT2IConfig(finetuned="stabilityai/stable-diffusion-2-1-base"))  # no run record
+    assert set(sets) == {"internal", "general"} and "held one" not in sets["internal"]

@@ -11,7 +11,7 @@ import pytest
 from sr_ray.config import ConfigError
 from sr_ray.data import DataError
 from sr_ray.demo import make_generations, make_regularization
-from sr_ray.select import SelectConfig, _best_worst, row_key, select_pairs, with_token
+from sr_ray.select import SelectConfig, _best_worst, held_out, row_key, select_pairs, with_token
 
 
 def test_best_worst_per_prompt_ties_and_nan():
@@ -77,7 +77,7 @@ def test_selection_picks_true_best_and_worst_and_mixes_regularization(ray_cluste
     gen, scores, reg = write_inputs(tmp_path)
     cfg = SelectConfig(scores=str(tmp_path / "scores"), regularization=str(tmp_path / "reg.parquet"),
                        out=str(tmp_path / "ft"), min_images=3, margin=0.1, regularization_ratio=0.5,
-                       rows_per_shard=8, seed=3)
+                       rows_per_shard=8, seed=3, val_prompts=0.25)
     summary = select_pairs(cfg)
 
     # by hand: per prompt with >= 3 images and best - worst > 0.1, the max and the min
@@ -92,9 +92,17 @@ def test_selection_picks_true_best_and_worst_and_mixes_regularization(ray_cluste
             in_margin += 1
         else:
             want_best[p], want_worst[p] = max(rows)[1], min(rows)[1]
-    assert too_few == 12 and len(want_best) >= 8
+    # a seeded quarter of the selectable prompts is held out, written as internal.jsonl, not fine-tuned on
+    held = sorted(p for p in want_best if held_out(3, p, 0.25))
+    assert 1 <= len(held) < len(want_best) and held_out(3, held[0], 0.25) == held_out(3, held[0], 0.25)
+    internal = [json.loads(line)["prompt"] for line in (tmp_path / "ft" / "internal.jsonl").read_text().splitlines()]
+    assert internal == held
+    for p in held:
+        del want_best[p], want_worst[p]
+    assert too_few == 12 and len(want_best) >= 6
     c = summary["counts"]
     assert (c["prompts"], c["prompts_too_few_images"], c["prompts_selected"]) == (24, too_few, len(want_best))
+    assert c["prompts_held_out"] == len(held)
     assert c["prompts_within_margin"] == in_margin >= 1  # prompt 3: four images, best - worst = 0.05
 
     out = read_set(tmp_path / "ft")

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,8 @@ import pyarrow as pa
 from sr_ray import images, storage
 from sr_ray.core.errors import DataError
 from sr_ray.config import ConfigError, from_dict, to_dict
-from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig, generate,
-                                       load_prompt_sets)
+from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig,
+                                       demo_prompt_sets, generate, load_prompt_sets)
 from sr_ray.eval import stats
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
@@ -388,16 +389,58 @@ def _with_checkpoint(cfg: EvaluateT2IConfig) -> EvaluateT2IConfig:
     return replace(cfg, social_reward=replace(cfg.social_reward, checkpoint=demo_checkpoint()))
 
 
+def internal_prompts(finetuned: str | None, endpoint: str | None) -> str | None:
+    """The held-out prompts of the fine-tune set a fine-tuning run trained on (``internal.jsonl`` beside the set
+    its ``config.yaml`` names, written by select_pairs), when there are any: the paper's internal prompts."""
+    import yaml
+
+    from sr_ray.select import INTERNAL
+
+    if not finetuned:
+        return None
+    try:
+        run_cfg = yaml.safe_load(storage.read_bytes(storage.join(finetuned, "config.yaml"), endpoint)) or {}
+    except (OSError, ValueError):
+        return None  # a diffusers folder or a hub id: no fine-tuning run record
+    train = ((run_cfg.get("data") or {}).get("train") or "").rstrip("/")
+    if not train:
+        return None
+    folder = train.rsplit("/", 1)[0] if train.endswith(".parquet") else train
+    uri = storage.join(folder, INTERNAL)
+    try:
+        return uri if storage.read_bytes(uri, endpoint).strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def prompt_sets(cfg: EvaluateT2IConfig) -> tuple[list[str], dict[str, list[str]]]:
+    """(prompt files, {set: prompts}): the files given, with the fine-tuning run's held-out prompts as the
+    ``internal`` set unless a file of that name is given; with no file at all the demo sets (the demo's
+    ``general`` set beside a held-out ``internal`` one)."""
+    files = list(cfg.prompts)
+    held = None if any(Path(f).stem == "internal" for f in files) else internal_prompts(cfg.finetuned,
+                                                                                      cfg.s3_endpoint)
+    if held:
+        log.info("[evaluate] internal prompts: %s (held out of the fine-tune set)", held)
+        files = [held, *files]
+    sets = load_prompt_sets(files, cfg.max_prompts, cfg.s3_endpoint)  # bad prompt files fail first
+    if held and not cfg.prompts:
+        general = demo_prompt_sets()["general"]
+        sets["general"] = general[:cfg.max_prompts] if cfg.max_prompts else general
+    return files, sets
+
+
 def _generate(cfg: EvaluateT2IConfig) -> tuple[str, dict | None]:
     """The generations folder: ``generations`` as given, else generated into ``<out>/generations``."""
     if cfg.generations:
         return cfg.generations, None
-    sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint)  # bad prompt files fail first
+    load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint) if cfg.prompts else None  # bad files: now
     if cfg.finetuned:
         _ensure_finetuned(cfg)
+    files, sets = prompt_sets(cfg)
     gen_uri = storage.join(cfg.out, "generations")
     return gen_uri, generate(GenerateConfig(
-        models=cfg.model_map(), prompts=cfg.prompts, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
+        models=cfg.model_map(), prompts=files, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
         compute=cfg.generation, out=gen_uri, s3_endpoint=cfg.s3_endpoint, ray_address=cfg.ray_address), sets)
 
 
