@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sr_ray import images, storage
-from sr_ray.core import identity
+from sr_ray.core import identity, stats
 from sr_ray.core.errors import DataError
 from sr_ray.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
@@ -126,7 +126,7 @@ class TripletScorer:
                                  torch.as_tensor(batch["neg"], device=dev))
         return {"pos_score": RewardModel.score(t, p).float().cpu().numpy(),
                 "neg_score": RewardModel.score(t, n).float().cpu().numpy(),
-                "valid": np.asarray(batch["valid"])}
+                "prompt_id": np.asarray(batch["prompt_id"]), "valid": np.asarray(batch["valid"])}
 
 
 def evaluate_split(checkpoint: str, info, model_cfg: dict, data_cfg, batch_size: int = 256,
@@ -152,12 +152,20 @@ def evaluate_split(checkpoint: str, info, model_cfg: dict, data_cfg, batch_size:
         scorer = TripletScorer(checkpoint)
         batches = (scorer(b) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
     correct = count = bad = 0.0
+    pos, neg, pids = [], [], []
     for b in batches:
         v = b["valid"].astype(bool)
         c, k = pairwise_accuracy(torch.as_tensor(b["pos_score"][v]), torch.as_tensor(b["neg_score"][v]))
         correct, count, bad = correct + c, count + k, bad + int((~v).sum())
-    return {"pairwise_accuracy": correct / count if count else float("nan"), "triplets": int(count),
-            "bad_rows": int(bad)}
+        pos.append(b["pos_score"][v])
+        neg.append(b["neg_score"][v])
+        pids.append(b["prompt_id"][v])
+    out = {"pairwise_accuracy": correct / count if count else float("nan"), "triplets": int(count),
+           "bad_rows": int(bad)}
+    if count:  # a 95 % interval resampling prompts (triplets of one prompt are not independent)
+        e = stats.pairwise_accuracy(np.concatenate(pos), np.concatenate(neg), np.concatenate(pids), "half", 1000)
+        out.update(ci_low=e.ci_low, ci_high=e.ci_high, prompts=e.clusters)
+    return out
 
 
 class RewardScorer:

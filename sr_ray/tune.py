@@ -27,6 +27,8 @@ from sr_ray.train import TrainRewardConfig, absolute_storage, steps_per_epoch
 log = logging.getLogger(__name__)
 
 METRIC = "val_pairwise_accuracy"
+PAPER_TABLE7 = {"triplet": 69.7, "infonce": 68.5, "supcon": 67.1, "bce": 67.0, "rce": 65.9}
+"""Test pairwise accuracy (%) per loss in the paper's Table 7 (its "contrastive" is sr-ray's supcon)."""
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -69,8 +71,13 @@ class TuneRewardConfig:
     """Continue an interrupted sweep of the same name (finished trials are not rerun); false: refuse to touch it."""
     seed: int = 0
     """Seed of the random search."""
+    score_test: str = "best"
+    """Which trials the test split scores at the end: best (the best by val), all (every trial with a
+    checkpoint: Table 7 reports each loss's test accuracy), none."""
 
     def __post_init__(self) -> None:
+        if self.score_test not in ("best", "all", "none"):
+            raise ValueError("score_test must be best, all or none")
         if self.num_samples < 1 or self.max_concurrent_trials < 0:
             raise ValueError("num_samples must be >= 1 and max_concurrent_trials >= 0 (0: as many as fit)")
         if self.trial_cpus < 0 or self.data_cpus < 0:
@@ -247,7 +254,6 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
 
     from sr_ray.data import preflight, resolve_splits
     from sr_ray.ray_utils import init_ray
-    from sr_ray.score import evaluate_split
     from sr_ray.train import check_config
 
     check_search(cfg)
@@ -300,6 +306,31 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     grid = tuner.fit()
 
     keys = list(cfg.search)
+    rows = _trial_rows(grid, keys, train, sdir, infos)
+    best = rows[0] if rows and rows[0][METRIC] is not None else None
+    if best is None:
+        raise RuntimeError(f"no trial of {sdir} reported a validation accuracy; see the trial logs in {trials_dir}")
+    summary: dict[str, Any] = {
+        "name": cfg.name, "sweep_dir": sdir,
+        "best_config": {k: best[k] for k in keys}, "best_val_pairwise_accuracy": best[METRIC],
+        "best_checkpoint": best["checkpoint"], "best_trial": best["trial_id"],
+        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        "errored": sum(r["status"] == "error" for r in rows),
+        "trials": [{"trial_id": r["trial_id"], "config": {k: r[k] for k in keys}, METRIC: r[METRIC],
+                    "validations": r["validations"], "status": r["status"]} for r in rows],
+    }
+    if "test" in infos and cfg.score_test != "none":
+        _score_test(rows if cfg.score_test == "all" else [best], keys, base, infos["test"], train)
+        if best.get("test_pairwise_accuracy") is not None:
+            summary["best_test_pairwise_accuracy"] = best["test_pairwise_accuracy"]
+    summary["table7"] = table7(rows, keys, base)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    _write_outputs(sdir, rows, keys, summary, train.data.s3_endpoint)
+    return summary
+
+
+def _trial_rows(grid, keys: list[str], train: TrainRewardConfig, sdir: str, infos: dict) -> list[dict]:
+    """A row per trial (its swept values, best val accuracy, status, best kept checkpoint), best first, ranked."""
     rows = []
     for r in grid:
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(str(r.path).rstrip("/"))
@@ -314,25 +345,50 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     rows.sort(key=lambda r: -1 if r[METRIC] is None else r[METRIC], reverse=True)
     for i, r in enumerate(rows, 1):
         r["rank"] = i
-    best = rows[0] if rows and rows[0][METRIC] is not None else None
-    if best is None:
-        raise RuntimeError(f"no trial of {sdir} reported a validation accuracy; see the trial logs in {trials_dir}")
-    summary: dict[str, Any] = {
-        "name": cfg.name, "sweep_dir": sdir,
-        "best_config": {k: best[k] for k in keys}, "best_val_pairwise_accuracy": best[METRIC],
-        "best_checkpoint": best["checkpoint"], "best_trial": best["trial_id"],
-        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
-        "errored": sum(r["status"] == "error" for r in rows),
-        "trials": [{"trial_id": r["trial_id"], "config": {k: r[k] for k in keys}, METRIC: r[METRIC],
-                    "validations": r["validations"], "status": r["status"]} for r in rows],
-    }
-    if "test" in infos and best["checkpoint"]:
-        best_model = trial_config(base, summary["best_config"]).model
-        test = evaluate_split(best["checkpoint"], infos["test"], to_dict(best_model), train.data)
-        summary["best_test_pairwise_accuracy"] = test["pairwise_accuracy"]
-    summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    _write_outputs(sdir, rows, keys, summary, train.data.s3_endpoint)
-    return summary
+    return rows
+
+
+def _score_test(rows: list[dict], keys: list[str], base: dict, test_info, train: TrainRewardConfig) -> None:
+    """Each row's kept checkpoint scored on the test split: accuracy and its interval over prompts, in place."""
+    from sr_ray.score import evaluate_split
+
+    for r in rows:
+        if r["checkpoint"]:
+            model = trial_config(base, {k: r[k] for k in keys}).model
+            test = evaluate_split(r["checkpoint"], test_info, to_dict(model), train.data)
+            r.update(test_pairwise_accuracy=test["pairwise_accuracy"], test_ci_low=test.get("ci_low"),
+                     test_ci_high=test.get("ci_high"))
+
+
+def table7(rows: list[dict], keys: list[str], base: dict) -> list[dict]:
+    """Paper Table 7: per loss, its best trial by val accuracy, with val and test accuracy (95 % interval over
+    prompts), learning rate and unfrozen blocks, beside the paper's test accuracy."""
+    out = []
+    for r in rows:  # rows are sorted best first
+        cfg = trial_config(base, {k: r[k] for k in keys})
+        loss = cfg.loss.name
+        if r[METRIC] is None or any(t["loss"] == loss for t in out):
+            continue
+        out.append({"loss": loss, "trial_id": r["trial_id"], "val": r[METRIC],
+                    "test": r.get("test_pairwise_accuracy"), "test_ci_low": r.get("test_ci_low"),
+                    "test_ci_high": r.get("test_ci_high"), "lr": cfg.optim.lr,
+                    "unfrozen_vision": cfg.model.unfreeze_vision_blocks,
+                    "unfrozen_text": cfg.model.unfreeze_text_blocks, "paper_test": PAPER_TABLE7.get(loss)})
+    return out
+
+
+def table7_markdown(t7: list[dict]) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| loss | val % | test % [95 % CI] | lr | unfrozen (vision+text) | paper test % |",
+             "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for t in t7:
+        ci = f" [{pct(t['test_ci_low'])}, {pct(t['test_ci_high'])}]" if t["test_ci_low"] is not None else ""
+        lines.append(f"| {t['loss']} | {pct(t['val'])} | {pct(t['test'])}{ci} | {t['lr']:.2g} | "
+                     f"{t['unfrozen_vision']}+{t['unfrozen_text']} | {t['paper_test'] or '-'} |")
+    return "\n".join(lines) + ("\n\nEach loss's best trial by validation accuracy; test accuracy with a bootstrap "
+                               "interval over prompts (a tie counts half). Paper: its Table 7 (the authors' data).\n")
 
 
 def _best_checkpoint(hist, endpoint: str | None, s3: bool = False) -> str | None:
@@ -369,7 +425,8 @@ def _write_outputs(sdir: str, rows: list[dict], keys: list[str], summary: dict, 
     import csv
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["rank", "trial_id", *keys, METRIC, "validations", "status", "checkpoint"])
+    w = csv.DictWriter(buf, fieldnames=["rank", "trial_id", *keys, METRIC, "test_pairwise_accuracy", "test_ci_low",
+                                        "test_ci_high", "validations", "status", "checkpoint"])
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k) for k in w.fieldnames})
@@ -377,3 +434,11 @@ def _write_outputs(sdir: str, rows: list[dict], keys: list[str], summary: dict, 
     storage.write_text(storage.join(sdir, "results.md"), _markdown(rows, keys, summary), endpoint)
     storage.write_bytes(storage.join(sdir, "sweep.png"), _plot(rows, keys), endpoint)
     storage.write_text(storage.join(sdir, "summary.json"), json.dumps(summary, indent=1, default=str), endpoint)
+    t7 = summary.get("table7") or []
+    storage.write_text(storage.join(sdir, "table7.md"), table7_markdown(t7), endpoint)
+    buf = io.StringIO()
+    if t7:
+        w = csv.DictWriter(buf, fieldnames=list(t7[0]))
+        w.writeheader()
+        w.writerows(t7)
+    storage.write_text(storage.join(sdir, "table7.csv"), buf.getvalue(), endpoint)

@@ -109,6 +109,7 @@ def test_two_sets_hand_values_and_resume(ray_cluster, tmp_path):
     assert scaled["results"]["picsart_test"][REDNESS]["accuracy"] == pytest.approx(5 / 9, abs=1e-5)
 
 
+@pytest.mark.extended  # ~1 min: three more jobs
 def test_tie_policies_and_bad_rate(ray_cluster, tmp_path):
     triplet_set(tmp_path / "t")
     s = compare_rewards(cfg_of(tmp_path, test=[str(tmp_path / "t")], ties="correct", scorers=[REDNESS]))
@@ -145,6 +146,7 @@ def test_accuracy_markdown_cells():
     assert "| m | 69.7 [67.1, 72.0] (1,234) |" in md and "counts as: half" in md
 
 
+@pytest.mark.extended  # ~40 s
 def test_new_weights_at_the_same_path_are_scored_again(ray_cluster, tmp_path):
     """A result is reused only while the weights it was scored with are unchanged (a replaced head file)."""
     import torch

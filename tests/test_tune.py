@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from sr_ray.config import ConfigError, load_config
+from sr_ray.config import ConfigError, load_config, to_dict
 from sr_ray.tune import TuneRewardConfig, check_search, concurrency, tune_reward
 
 JOB = ROOT / "jobs" / "tune_reward.py"
@@ -110,6 +110,11 @@ def test_sweep_ranks_every_trial_and_asha_stops_the_hopeless(ray_cluster, tmp_pa
     assert Path(summary["best_checkpoint"]).is_dir()
     assert [t["trial_id"] for t in summary["trials"]] == [r["trial_id"] for r in rows]
 
+    # Table 7: every trial with a checkpoint scored on test (demo.yaml: score_test=all), the loss's best row
+    assert all(r["test_pairwise_accuracy"] for r in rows if r["checkpoint"])
+    t7 = (sdir / "table7.md").read_text()
+    assert "| triplet |" in t7 and "| 69.7 |" in t7 and summary["table7"][0]["trial_id"] == rows[0]["trial_id"]
+    assert summary["table7"][0]["test_ci_low"] <= summary["table7"][0]["test"] <= summary["table7"][0]["test_ci_high"]
     md = (sdir / "results.md").read_text()
     assert all(r["trial_id"] in md for r in rows) and "stopped early" in md
     assert (sdir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,3 +199,23 @@ def test_best_checkpoint_on_s3_gets_its_scheme_back(s3_endpoint, s3_bucket):
     hist = pd.DataFrame({"step": [5, 10], "val_pairwise_accuracy": [0.7, 0.8],
                          "checkpoint_path": [f"{s3_bucket}/trials/t1/checkpoint_a", f"{s3_bucket}/trials/t1/checkpoint_b"]})
     assert _best_checkpoint(hist, s3_endpoint, s3=True) == f"s3://{s3_bucket}/trials/t1/checkpoint_b"
+
+
+def test_table7_keeps_each_losss_best_trial_beside_the_papers_figure():
+    from sr_ray.train import TrainRewardConfig
+    from sr_ray.tune import table7, table7_markdown
+
+    base = to_dict(TrainRewardConfig())
+    rows = [  # best first, as the sweep sorts them
+        {"trial_id": "a", "loss.name": "infonce", "optim.lr": 1e-3, "val_pairwise_accuracy": 0.8,
+         "test_pairwise_accuracy": 0.79, "test_ci_low": 0.75, "test_ci_high": 0.83},
+        {"trial_id": "b", "loss.name": "triplet", "optim.lr": 3e-4, "val_pairwise_accuracy": 0.7,
+         "test_pairwise_accuracy": 0.71, "test_ci_low": 0.66, "test_ci_high": 0.76},
+        {"trial_id": "c", "loss.name": "infonce", "optim.lr": 1e-5, "val_pairwise_accuracy": 0.6},
+        {"trial_id": "d", "loss.name": "bce", "optim.lr": 1e-5, "val_pairwise_accuracy": None},
+    ]
+    t7 = table7(rows, ["loss.name", "optim.lr"], base)
+    assert [(t["loss"], t["trial_id"], t["lr"], t["paper_test"]) for t in t7] == [
+        ("infonce", "a", 1e-3, 68.5), ("triplet", "b", 3e-4, 69.7)]
+    md = table7_markdown(t7)
+    assert "| infonce | 80.0 | 79.0 [75.0, 83.0] | 0.001 | 2+2 | 68.5 |" in md

@@ -42,7 +42,7 @@ from sr_ray.core.errors import DataError
 from sr_ray.config import ConfigError, from_dict, to_dict
 from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig,
                                        demo_prompt_sets, generate, load_prompt_sets)
-from sr_ray.eval import stats
+from sr_ray.core import stats
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
 log = logging.getLogger("sr_ray.eval.t2i")
