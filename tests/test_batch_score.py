@@ -209,6 +209,7 @@ def test_decode_runs_in_cpu_tasks_when_the_scorers_take_gpus(ray_cluster, checkp
     assert "ActorPoolMapOperator[MapBatches(GenerationPreprocessor)->MapBatches(GenerationScorer)]" in plans[False]
 
 
+@pytest.mark.extended
 def test_any_scorer_scores_generations_with_its_own_preprocessing(ray_cluster, tmp_path):
     """scorer=<import path>: the same job, decode-only CPU stage, the scorer's actor; rejects counted; a re-run
     with other scorer settings refused, naming them."""

@@ -65,6 +65,7 @@ def mtimes(folder) -> dict[str, int]:
     return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in sorted(os.listdir(folder))}
 
 
+@pytest.mark.extended  # ~1-2 min: four jobs; the default suite keeps to its 12-minute budget
 def test_two_sets_hand_values_and_resume(ray_cluster, tmp_path):
     triplet_set(tmp_path / "picsart" / "test")
     hpd = hpd_set(tmp_path / "hpd")
