@@ -310,15 +310,7 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     best = rows[0] if rows and rows[0][METRIC] is not None else None
     if best is None:
         raise RuntimeError(f"no trial of {sdir} reported a validation accuracy; see the trial logs in {trials_dir}")
-    summary: dict[str, Any] = {
-        "name": cfg.name, "sweep_dir": sdir,
-        "best_config": {k: best[k] for k in keys}, "best_val_pairwise_accuracy": best[METRIC],
-        "best_checkpoint": best["checkpoint"], "best_trial": best["trial_id"],
-        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
-        "errored": sum(r["status"] == "error" for r in rows),
-        "trials": [{"trial_id": r["trial_id"], "config": {k: r[k] for k in keys}, METRIC: r[METRIC],
-                    "validations": r["validations"], "status": r["status"]} for r in rows],
-    }
+    summary = _summary(cfg, sdir, rows, keys, best)
     if "test" in infos and cfg.score_test != "none":
         _score_test(rows if cfg.score_test == "all" else [best], keys, base, infos["test"], train)
         if best.get("test_pairwise_accuracy") is not None:
@@ -327,6 +319,18 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     _write_outputs(sdir, rows, keys, summary, train.data.s3_endpoint)
     return summary
+
+
+def _summary(cfg: TuneRewardConfig, sdir: str, rows: list[dict], keys: list[str], best: dict) -> dict[str, Any]:
+    return {
+        "name": cfg.name, "sweep_dir": sdir,
+        "best_config": {k: best[k] for k in keys}, "best_val_pairwise_accuracy": best[METRIC],
+        "best_checkpoint": best["checkpoint"], "best_trial": best["trial_id"],
+        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        "errored": sum(r["status"] == "error" for r in rows),
+        "trials": [{"trial_id": r["trial_id"], "config": {k: r[k] for k in keys}, METRIC: r[METRIC],
+                    "validations": r["validations"], "status": r["status"]} for r in rows],
+    }
 
 
 def _trial_rows(grid, keys: list[str], train: TrainRewardConfig, sdir: str, infos: dict) -> list[dict]:

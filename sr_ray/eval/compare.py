@@ -242,14 +242,15 @@ def result_record(cfg: CompareConfig, ts: TestSet, scorer: str) -> dict[str, Any
             "image_root": cfg.image_root}
 
 
-def finished(cfg: CompareConfig, ts: TestSet, scorer: str) -> bool:
+def finished(cfg: CompareConfig, ts: TestSet, scorer: str, want: dict[str, Any]) -> bool:
+    """Whether the (set, scorer) result on disk was made as ``want`` (its :func:`result_record`) says."""
     rec = identity.read_record(result_uri(cfg, ts, scorer, "json"), cfg.s3_endpoint)
     if rec is None:
         return False
-    if rec != result_record(cfg, ts, scorer):
+    if rec != want:
         log.warning("[compare] %s / %s: the result on record was made with other inputs or settings "
                     "(%s): scoring again", ts.name, scorer,
-                    identity.describe(identity.differing_keys(rec, result_record(cfg, ts, scorer))))
+                    identity.describe(identity.differing_keys(rec, want)))
         return False
     return storage.exists(result_uri(cfg, ts, scorer), cfg.s3_endpoint) and \
         storage.exists(storage.join(cfg.out, "scores", ts.name, "_pairs.parquet"), cfg.s3_endpoint)
@@ -257,8 +258,9 @@ def finished(cfg: CompareConfig, ts: TestSet, scorer: str) -> bool:
 
 # ---------------------------------------------------------------- scoring
 
-def score_set(cfg: CompareConfig, ts: TestSet, pending: list[str]) -> None:
-    """One pass over the set: decode once, every pending scorer's actor pool in turn, results written."""
+def score_set(cfg: CompareConfig, ts: TestSet, pending: dict[str, dict]) -> None:
+    """One pass over the set: decode once, every pending scorer's actor pool in turn, results written.
+    ``pending``: {scorer: the record written beside its result}."""
     cols = ["prompt", *[c for c in ("pos_image", "neg_image", "pos_path", "neg_path", "pos_id", "neg_id", "tie")
                         if any(c in f.schema.names for f in ts.files)]]
     c = cfg.compute
@@ -285,7 +287,7 @@ def score_set(cfg: CompareConfig, ts: TestSet, pending: list[str]) -> None:
     _write_results(cfg, ts, pending, scored[["pair", *meta[1:]]].copy(), scored)
 
 
-def _write_results(cfg: CompareConfig, ts: TestSet, pending: list[str], pairs: pd.DataFrame,
+def _write_results(cfg: CompareConfig, ts: TestSet, pending: dict[str, dict], pairs: pd.DataFrame,
                    scored: pd.DataFrame) -> None:
     ep = cfg.s3_endpoint
     for c, default in (("pos_id", None), ("neg_id", None), ("tie", False)):
@@ -299,7 +301,7 @@ def _write_results(cfg: CompareConfig, ts: TestSet, pending: list[str], pairs: p
         part = scored[["pair", f"{name}__pos", f"{name}__neg"]].rename(
             columns={f"{name}__pos": "pos", f"{name}__neg": "neg"})
         storage.write_parquet(pa.Table.from_pandas(part, preserve_index=False), result_uri(cfg, ts, name), ep)
-        identity.write_record(result_uri(cfg, ts, name, "json"), result_record(cfg, ts, name), ep)
+        identity.write_record(result_uri(cfg, ts, name, "json"), pending[name], ep)
 
 
 def load_set_scores(cfg: CompareConfig, ts: TestSet) -> pd.DataFrame:
@@ -471,7 +473,8 @@ def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
     sets = resolve_sets(cfg)
     reused = 0
     for ts in sets:
-        pending = [s for s in cfg.scorers if not finished(cfg, ts, s)]
+        records = {s: result_record(cfg, ts, s) for s in cfg.scorers}  # weights fingerprinted once per run
+        pending = {s: rec for s, rec in records.items() if not finished(cfg, ts, s, rec)}
         reused += len(cfg.scorers) - len(pending)
         if pending:
             started = init_ray(cfg.ray_address)
@@ -479,7 +482,7 @@ def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
             check_resources(c.bundles(len(pending)), f"{len(pending)} scorer pool(s) of {c.num_actors} actor(s) "
                             "(compute.cpus_per_actor, gpus_per_actor) and a decode task (compute.decode_num_cpus)",
                             fixed=started, wait_s=c.resource_wait_s)
-            log.info("[compare] %s (%s, %d files): scoring with %s", ts.name, ts.kind, len(ts.files), pending)
+            log.info("[compare] %s (%s, %d files): scoring with %s", ts.name, ts.kind, len(ts.files), list(pending))
             score_set(cfg, ts, pending)
     df = pd.concat([load_set_scores(cfg, ts) for ts in sets], ignore_index=True)
     acc, diff, agree = accuracy_table(df, cfg), difference_table(df, cfg), agreement_table(df, cfg.scorers)

@@ -413,31 +413,34 @@ def internal_prompts(finetuned: str | None, endpoint: str | None) -> str | None:
         return None
 
 
-def prompt_sets(cfg: EvaluateT2IConfig) -> tuple[list[str], dict[str, list[str]]]:
-    """(prompt files, {set: prompts}): the files given, with the fine-tuning run's held-out prompts as the
-    ``internal`` set unless a file of that name is given; with no file at all the demo sets (the demo's
-    ``general`` set beside a held-out ``internal`` one)."""
+def prompt_sets(cfg: EvaluateT2IConfig, given: dict[str, list[str]] | None = None
+                ) -> tuple[list[str], dict[str, list[str]]]:
+    """(prompt files, {set: prompts}): the files given (``given``: already read), with the fine-tuning run's
+    held-out prompts as the ``internal`` set unless a file of that name is given; with no file at all the demo
+    sets (the demo's ``general`` set beside a held-out ``internal`` one)."""
     files = list(cfg.prompts)
     held = None if any(Path(f).stem == "internal" for f in files) else internal_prompts(cfg.finetuned,
                                                                                       cfg.s3_endpoint)
-    if held:
-        log.info("[evaluate] internal prompts: %s (held out of the fine-tune set)", held)
-        files = [held, *files]
-    sets = load_prompt_sets(files, cfg.max_prompts, cfg.s3_endpoint)  # bad prompt files fail first
-    if held and not cfg.prompts:
+    if given is None:
+        given = load_prompt_sets(files, cfg.max_prompts, cfg.s3_endpoint) if files else {}
+    if not held:
+        return files, given or load_prompt_sets([], cfg.max_prompts)
+    log.info("[evaluate] internal prompts: %s (held out of the fine-tune set)", held)
+    sets = {**load_prompt_sets([held], cfg.max_prompts, cfg.s3_endpoint), **given}
+    if not files:
         general = demo_prompt_sets()["general"]
         sets["general"] = general[:cfg.max_prompts] if cfg.max_prompts else general
-    return files, sets
+    return [held, *files], sets
 
 
 def _generate(cfg: EvaluateT2IConfig) -> tuple[str, dict | None]:
     """The generations folder: ``generations`` as given, else generated into ``<out>/generations``."""
     if cfg.generations:
         return cfg.generations, None
-    load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint) if cfg.prompts else None  # bad files: now
+    given = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint) if cfg.prompts else {}  # bad: now
     if cfg.finetuned:
         _ensure_finetuned(cfg)
-    files, sets = prompt_sets(cfg)
+    files, sets = prompt_sets(cfg, given)
     gen_uri = storage.join(cfg.out, "generations")
     return gen_uri, generate(GenerateConfig(
         models=cfg.model_map(), prompts=files, max_prompts=cfg.max_prompts, sampling=cfg.sampling,
