@@ -4,6 +4,10 @@ Every loss takes ``t`` (prompt), ``p`` (popular image), ``n`` (unpopular image),
 each (B, D) and L2-normalised, plus a :class:`LossConfig`, and returns a scalar.
 ``prompt_ids`` (B,) int64, when given, tells which triplets share a prompt
 (used by supervised contrastive to treat them as one class).
+
+B is the *global* batch: in data-parallel training :func:`global_batch_loss` gathers every worker's rows
+first (its own keep their gradient), so a loss's value and its gradient do not depend on how the batch is
+split over workers.
 """
 
 from __future__ import annotations
@@ -131,3 +135,42 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 def compute_loss(t, p, n, cfg: LossConfig, prompt_ids=None) -> torch.Tensor:
     return LOSSES[cfg.name](t, p, n, cfg, prompt_ids)
+
+
+def gather_rows(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Every worker's rows of each tensor, concatenated in rank order, and the world size.
+
+    Other workers' rows arrive without gradient; this worker's own rows are the tensors passed in, so its
+    part of the graph is kept (open_clip's ``gather_features`` without ``gather_with_grad``). Every worker
+    must pass tensors of the same shape (training batches are fixed-size: ``drop_last``). With no process
+    group, or one worker, the tensors come back as they are.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors), 1
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = []
+    for x in tensors:
+        sent = x.detach().to(torch.uint8) if x.dtype == torch.bool else x.detach()
+        parts = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(parts, sent.contiguous())
+        parts = [q.to(torch.bool) for q in parts] if x.dtype == torch.bool else parts
+        parts[rank] = x
+        out.append(torch.cat(parts))
+    return out, world
+
+
+def global_batch_loss(t, p, n, prompt_ids, valid, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, the loss's value) over the global batch: the rows of every worker with
+    ``valid`` True.
+
+    Every worker computes the same global loss L, but its gradient flows only through its own rows; DDP then
+    averages the W workers' gradients, so the loss to backpropagate is W * L: the sum over workers of
+    the gradient through each one's rows is exactly dL/dθ, the gradient one worker with the whole batch gets.
+    """
+    (t, p, n, prompt_ids, valid), world = gather_rows(t, p, n, prompt_ids, valid)
+    if valid.any():
+        loss = compute_loss(t[valid], p[valid], n[valid], cfg, prompt_ids[valid])
+    else:  # keep every parameter in the graph so DDP's all-reduce still lines up
+        loss = (t.sum() + p.sum() + n.sum()) * 0.0
+    return loss * world, loss.detach()

@@ -29,7 +29,7 @@ from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.core import identity
 from sr_ray.ray_utils import check_resources, init_ray, worker_prints_to_stderr
 from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
-from sr_ray.losses import LossConfig, compute_loss
+from sr_ray.losses import LossConfig, compute_loss, global_batch_loss
 from sr_ray.model import ModelConfig, RewardModel, activation_problem, build_clip, count_params
 from sr_ray.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
 
@@ -227,20 +227,19 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train_step(model, batch, loss_cfg: LossConfig, optim, params, grad_clip: float, autocast) -> float:
-    """One optimisation step on (tokens, pos, neg, prompt_ids, valid); rows with valid=False are left out. Returns the loss."""
+    """One optimisation step on (tokens, pos, neg, prompt_ids, valid); rows with valid=False are left out.
+
+    The loss is over the global batch (every worker's rows, :func:`global_batch_loss`). Returns its value."""
     tokens, pos, neg, pids, valid = batch
     with autocast():
         t, p, n = model(tokens, pos, neg)
-    if valid.any():
-        loss = compute_loss(t[valid].float(), p[valid].float(), n[valid].float(), loss_cfg, pids[valid])
-    else:  # keep every parameter in the graph so DDP's all-reduce still lines up
-        loss = (t.sum() + p.sum() + n.sum()) * 0.0
+    to_backward, value = global_batch_loss(t.float(), p.float(), n.float(), pids, valid, loss_cfg)
     optim.zero_grad(set_to_none=True)
-    loss.backward()
+    to_backward.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optim.step()
-    return float(loss.detach())
+    return float(value)
 
 
 def train_func(config: dict[str, Any]) -> None:
