@@ -43,6 +43,9 @@ class ModelConfig:
     """Last N residual blocks of the image tower that train (+ its final norm and projection when N > 0); -1 = whole tower."""
     unfreeze_text_blocks: int = 2
     """Last N residual blocks of the text tower that train (+ ln_final and text projection when N > 0); -1 = whole tower."""
+    train_image_projection: bool = True
+    """With N > 0 vision blocks: also train the image tower's projection (``visual.proj``, a timm trunk's
+    ``visual.head``). The authors' optimizer leaves ``visual.proj`` out (paper.yaml: false)."""
 
     def __post_init__(self) -> None:
         if self.unfreeze_vision_blocks < -1 or self.unfreeze_text_blocks < -1:
@@ -91,12 +94,17 @@ def _set_trainable(part: nn.Module | nn.Parameter) -> None:
         part.requires_grad_(True)
 
 
-def freeze(model: nn.Module, unfreeze_vision_blocks: int, unfreeze_text_blocks: int) -> None:
+IMAGE_PROJECTIONS = ("visual.proj", "visual.head")
+
+
+def freeze(model: nn.Module, unfreeze_vision_blocks: int, unfreeze_text_blocks: int,
+           image_projection: bool = True) -> None:
     """Freeze everything, then make the last N blocks (+ final norm and projection) of each tower trainable.
 
     Frozen parameters get ``requires_grad_(False)``, so autograd computes no
     gradient for them (the authors' ``model.requires_grad = False`` freezes nothing).
-    ``-1`` makes the whole tower trainable.
+    ``-1`` makes the whole tower trainable. ``image_projection=False`` keeps the image tower's projection
+    (``visual.proj``) frozen when N > 0 vision blocks train, as the authors' optimizer does.
     """
     model.requires_grad_(False)
     for tower, n in (("vision", unfreeze_vision_blocks), ("text", unfreeze_text_blocks)):
@@ -113,6 +121,9 @@ def freeze(model: nn.Module, unfreeze_vision_blocks: int, unfreeze_text_blocks: 
             raise ValueError(
                 f"model.unfreeze_{tower}_blocks={n} but the {tower} tower has only {len(blocks)} blocks"
             )
+        if tower == "vision" and not image_projection:
+            skip = [_get(model, name) for name in IMAGE_PROJECTIONS]
+            finals = [f for f in finals if not any(f is q for q in skip)]
         for part in list(blocks[-n:]) + finals:
             _set_trainable(part)
 
@@ -174,7 +185,7 @@ def build_clip(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
             f"(tags: {open_clip.list_pretrained_tags_by_model(cfg.name)})"
         )
     model = open_clip.create_model(cfg.name, pretrained=pretrained)
-    freeze(model, cfg.unfreeze_vision_blocks, cfg.unfreeze_text_blocks)
+    freeze(model, cfg.unfreeze_vision_blocks, cfg.unfreeze_text_blocks, cfg.train_image_projection)
     return model
 
 

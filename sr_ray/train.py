@@ -52,11 +52,15 @@ class OptimConfig:
     lr: float = 3e-5
     """Peak learning rate (the authors' code: 3e-5; the paper text says 3e-4)."""
     weight_decay: float = 0.1
-    """AdamW weight decay on matrices; norms, biases and embeddings-as-vectors get none."""
+    """AdamW weight decay on matrices; norms, biases and embeddings-as-vectors get none unless ``decay_1d``."""
+    decay_1d: bool = False
+    """Decay 1-D parameters (norms, biases) too: one parameter group, as the authors' ``AdamW(params)``."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    schedule: str = "cosine"
+    """``cosine``: linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``;
+    ``constant``: ``lr`` throughout (after the warmup, if any), as the authors' code."""
     warmup_steps: int = 50
-    """Linear warmup steps, then cosine decay to ``min_lr_ratio * lr``."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     """Max global gradient norm (0: off)."""
@@ -70,6 +74,8 @@ class OptimConfig:
             raise ValueError("optim.lr must be > 0, optim.batch_size and optim.epochs >= 1")
         if len(self.betas) != 2:
             raise ValueError("optim.betas must hold two numbers")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule={self.schedule!r} is not one of ['constant', 'cosine']")
 
 
 @dataclass
@@ -148,20 +154,24 @@ def steps_per_epoch(cfg: TrainRewardConfig, rows: int) -> int:
     return (rows // nw) // (cfg.optim.batch_size // nw)
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total`` (or 1: constant)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:
+    """AdamW groups of the trainable parameters: matrices decay; 1-D ones (norms, biases) only with ``decay_1d``."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (decay if p.ndim >= 2 or decay_1d else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def _seed_all(seed: int) -> None:
@@ -308,10 +318,11 @@ class _RewardWorker:
         if not self.params:
             raise ConfigError("nothing to train: model.unfreeze_vision_blocks and model.unfreeze_text_blocks are "
                               "both 0")
-        self.optim = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_1d)
+        self.optim = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.optim, lambda s: lr_factor(s, self.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+            self.optim, lambda s: lr_factor(s, self.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio,
+                                            cfg.optim.schedule))
         return model
 
     def _resume(self, model: RewardModel) -> None:

@@ -31,11 +31,37 @@ def test_every_shipped_yaml_loads(path):
         check_search(cfg)  # every swept key and value is a valid training setting
 
 
-def test_paper_yaml_is_the_paper_setting():
+def test_paper_yaml_is_the_authors_recipe():
+    """scripts/train.sh + src/train_pair_pos_neg.py of Picsart-AI-Research/Social-Reward (31ccd0e)."""
+    import inspect
+
+    import torch
+
+    from sr_ray.train import lr_factor, param_groups
+
     cfg = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml")
     assert (cfg.model.name, cfg.model.pretrained) == ("ViT-L-14-quickgelu", "openai")
     assert (cfg.model.unfreeze_vision_blocks, cfg.model.unfreeze_text_blocks) == (3, 2)
-    assert cfg.loss.name == "triplet" and cfg.optim.batch_size == 32
+    assert cfg.model.train_image_projection is False
+    assert (cfg.loss.name, cfg.loss.margin) == ("triplet", 0.3)
+    assert (cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.lr) == (32, 10, 3e-5)
+    # AdamW(params, lr=...) and nothing else: torch's defaults, one group, no schedule, no clipping, fp32
+    defaults = {k: v.default for k, v in inspect.signature(torch.optim.AdamW).parameters.items()}
+    assert tuple(cfg.optim.betas) == defaults["betas"] and cfg.optim.eps == defaults["eps"]
+    assert cfg.optim.weight_decay == defaults["weight_decay"] == 0.01
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    assert len(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_1d)) == 1
+    assert [lr_factor(s, 1000, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
+            for s in (0, 500, 999)] == [1.0, 1.0, 1.0]
+    assert cfg.optim.grad_clip == 0 and cfg.scaling.precision == "fp32"
+
+
+def test_recommended_yaml_differs_from_the_paper_only_in_the_recipe():
+    paper = to_dict(load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml"))
+    ours = to_dict(load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/recommended.yaml"))
+    assert ours["model"]["name"] == paper["model"]["name"] and ours["loss"] == paper["loss"]
+    assert ours["data"] == paper["data"] and ours["optim"]["batch_size"] == 32
+    assert ours["model"]["train_image_projection"] and ours["optim"]["schedule"] == "cosine"
 
 
 def test_dotted_overrides_and_types():

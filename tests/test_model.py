@@ -125,3 +125,29 @@ def test_openai_weights_need_the_quickgelu_architecture():
 
     paper = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml")
     assert activation_problem(paper.model.name, paper.model.pretrained) is None
+
+
+def test_paper_yaml_trains_the_authors_optimizer_set_on_vit_l14():
+    """paper.yaml's trainable parameters on ViT-L/14 are exactly those the authors' AdamW receives
+    (src/train_pair_pos_neg.py, mode visual_upper_layers_textual_upper_layers), by name and count."""
+    import open_clip
+
+    from conftest import ROOT
+    from sr_ray.config import load_config
+    from sr_ray.train import TrainRewardConfig
+
+    paper = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml").model
+    model = open_clip.create_model(paper.name, device="meta")  # the architecture without 1.7 GB of weights
+    freeze(model, paper.unfreeze_vision_blocks, paper.unfreeze_text_blocks, paper.train_image_projection)
+    authors = (list(model.visual.transformer.resblocks[21:].parameters()) + list(model.visual.ln_post.parameters())
+               + list(model.transformer.resblocks[10:].parameters()) + list(model.ln_final.parameters())
+               + [model.text_projection])
+    theirs = {name for name, p in model.named_parameters() if any(p is q for q in authors)}
+    ours = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert ours == theirs and "visual.proj" not in ours
+    assert len(ours) == 3 * 12 + 2 + 2 * 12 + 2 + 1  # 12 tensors per block, 2 per layer norm, the projection
+    trainable, total = count_params(model)
+    assert trainable == 3 * block(1024) + 2 * 1024 + 2 * block(768) + head(768, 768) == 52_557_824
+    # sr-ray's own choice (recommended.yaml) adds the image projection, 1024 x 768
+    freeze(model, paper.unfreeze_vision_blocks, paper.unfreeze_text_blocks, image_projection=True)
+    assert count_params(model)[0] == trainable + 1024 * 768
