@@ -1,20 +1,28 @@
 """A simulated creative community: prompts, generations drawn in code, and the
 platform log that the curation job turns into triplets.
 
-Each prompt names a colour and a shape ("a red cat made of circles, watercolor").
-A prompt has several generations; each shows one object whose colour and shape
-may or may not match the prompt. A *hidden taste* decides how much users like a
-generation for its prompt (the match, plus noise), so popularity depends on the
-prompt and the image together. From taste and exposure the log is drawn:
+Each prompt names a colour and a shape ("a tiny red cat made of circles on a beach,
+watercolor"). A prompt has several generations (heavy-tailed: lognormal); each shows
+one object whose colour and shape may or may not match the prompt. A *hidden taste*
+decides how much users like a generation for its prompt (the match, plus noise), so
+popularity depends on the prompt and the image together. From taste and exposure
+the log is drawn:
 
 - ``views``: lognormal per image, times a per-prompt exposure factor;
-- ``remix_count``: Poisson(views · rate · virality), with rate growing
-  exponentially with taste and a Pareto virality factor, so the counts are
-  heavy-tailed (most images are never remixed, a few are remixed a lot);
-- ``views_before_first_remix``: the view at which the first remix came
-  (a truncated exponential given the rate), null when never remixed;
+- ``remix_count``: Poisson with mean rate · novelty · (1 − exp(−views / novelty)):
+  remix intent fades as an image ages (the rate per view decays as
+  exp(−v / novelty)), the rate grows exponentially with taste and carries a
+  Pareto virality factor, so the counts are heavy-tailed (most images are never
+  remixed, a few are remixed a lot);
+- ``views_before_first_remix``: the view of the first remix of that faded process,
+  null when never remixed; remixes come early, so most never-remixed images have
+  been seen more often than the 99th percentile of it (they become negatives);
 - ``influencer_remix``: a few influencer accounts remix tasteful images;
 - ``nsfw_score``: near 0, except a small flagged share near 1.
+
+The defaults are calibrated so that the paper's curation rules give a dataset
+shaped like its Table 1 at any scale: ~16 images and ~30 pairs per kept prompt,
+positives ~8% of the dataset's images, the creator signal ~40% of positives.
 
 Everything is deterministic by seed; the log is written in chunks so 1M rows need
 no more memory than one chunk. Output (platform-log contract of ARCHITECTURE.md):
@@ -40,6 +48,11 @@ SUBJECTS = ("cat", "house", "flower", "car", "balloon", "robot", "tree", "boat",
             "castle", "owl", "teapot", "lighthouse", "fox", "cactus")
 STYLES = ("digital art", "watercolor", "oil painting", "pixel art", "3d render", "sticker", "photo",
           "ink sketch", "anime", "low poly")
+DETAILS = ("tiny", "giant", "glowing", "ancient", "happy", "sleepy", "shiny", "fluffy", "wooden", "crystal",
+           "floating", "mechanical", "paper", "neon", "golden", "frozen", "smiling", "cosmic", "vintage", "baby")
+SETTINGS = ("on a beach", "in space", "in a forest", "at night", "in the rain", "on the moon", "in a city",
+            "under water", "in the desert", "on a mountain", "in a garden", "in the snow", "at sunset",
+            "in a castle", "on a rooftop", "in a library", "in the clouds", "on a boat", "in a cave", "at a party")
 SHAPE_WORDS = {"circle": "made of circles", "square": "made of squares", "triangle": "made of triangles",
                "diamond": "made of diamonds", "stripes": "in stripes"}
 
@@ -56,7 +69,9 @@ class CommunityConfig:
     images: int = 40_000
     """Rows of the platform log (generated images); 1_000_000 for the paper's scale."""
     images_per_prompt: float = 12.0
-    """Mean generations per prompt (Poisson, at least 2)."""
+    """Mean generations per prompt (lognormal, at least 2)."""
+    prompt_size_sigma: float = 1.1
+    """Std of log(generations) per prompt: a few prompts are generated far more often than most."""
     image_size: int = 64
     write_images: bool = True
     """Draw and store every image (PNG); off for log-only benchmarks (URIs then dangle)."""
@@ -68,20 +83,22 @@ class CommunityConfig:
     taste_shape: float = 0.7
     taste_noise: float = 0.6
     """Std of the per-image taste noise."""
-    median_views: float = 300.0
+    median_views: float = 1500.0
     views_sigma: float = 1.5
     """Std of log(views) per image."""
     exposure_sigma: float = 1.0
     """Std of log(exposure) per prompt (the feed shows some prompts far more)."""
     remix_rate: float = 3e-5
-    """Remixes per view of an image of average taste."""
+    """Remixes per view of a new image of average taste."""
+    novelty_views: float = 150.0
+    """Remix intent fades with an image's age: the rate per view decays as exp(-views / novelty_views)."""
     taste_slope: float = 8.0
     """log(remix rate) grows by this per unit of taste."""
     pareto_shape: float = 1.5
     """Shape of the Pareto virality factor (smaller: heavier tail)."""
-    influencer_rate: float = 0.3
-    """Chance that an influencer remixes an image of top taste (less for lower taste); the
-    creator signal makes positives ~8% of images, as in the paper."""
+    influencer_rate: float = 0.03
+    """Chance that an influencer remixes an image of top taste (less for lower taste): the creator signal
+    gives ~40% of the positives, the content signal (top 1% by remixes) the rest."""
     nsfw_rate: float = 0.003
     """Share of images flagged NSFW (score in [0.85, 1])."""
     chunk_images: int = 10_000
@@ -100,20 +117,26 @@ def _chunk_log(cfg: CommunityConfig, chunk: int, n: int, image_root: str, first_
     """The log rows of one chunk of ``n`` images, plus the (colour, shape) drawn for each."""
     rng = _chunk_rng(cfg, chunk)
     colours, shapes = list(images.COLOURS), list(images.SHAPES)
-    # prompts of this chunk (a prompt never spans two chunks)
+    # prompts of this chunk (a prompt never spans two chunks); sizes are heavy-tailed: a few prompts are
+    # generated far more often than most (and get more of everything: images, positives, negatives)
     per = []
+    mu = math.log(cfg.images_per_prompt) - cfg.prompt_size_sigma ** 2 / 2  # lognormal with that mean
     while sum(per) < n:
-        per.append(max(2, int(rng.poisson(cfg.images_per_prompt))))
+        per.append(max(2, int(round(rng.lognormal(mu, cfg.prompt_size_sigma)))))
     per[-1] -= sum(per) - n  # >= 1: the sum was below n before the last prompt
     n_prompts = len(per)
     p_colour = rng.integers(0, len(colours), n_prompts)
     p_shape = rng.integers(0, len(shapes), n_prompts)
     p_subject = rng.integers(0, len(SUBJECTS), n_prompts)
     p_style = rng.integers(0, len(STYLES), n_prompts)
+    p_detail = rng.integers(0, len(DETAILS), n_prompts)
+    p_setting = rng.integers(0, len(SETTINGS), n_prompts)
     p_exposure = np.exp(rng.normal(0.0, cfg.exposure_sigma, n_prompts))
     p_mood = rng.normal(0.0, 0.3, n_prompts)  # some prompts are liked more overall
-    prompts = np.array([f"a {colours[c]} {SUBJECTS[s]} {SHAPE_WORDS[shapes[h]]}, {STYLES[t]}"
-                        for c, s, h, t in zip(p_colour, p_subject, p_shape, p_style)], dtype=object)
+    # 2.56M distinct prompts (20 x 8 x 16 x 5 x 20 x 10), so even at the paper's scale few repeat by chance
+    prompts = np.array([f"a {DETAILS[d]} {colours[c]} {SUBJECTS[s]} {SHAPE_WORDS[shapes[h]]} {SETTINGS[g]}, "
+                        f"{STYLES[t]}" for d, c, s, h, g, t in zip(p_detail, p_colour, p_subject, p_shape, p_setting,
+                                                                  p_style)], dtype=object)
     idx = np.repeat(np.arange(n_prompts), per)
 
     cmatch = rng.random(n) < cfg.colour_match
@@ -128,15 +151,21 @@ def _chunk_log(cfg: CommunityConfig, chunk: int, n: int, image_root: str, first_
     views = np.maximum(1, np.round(cfg.median_views * p_exposure[idx]
                                    * np.exp(rng.normal(0.0, cfg.views_sigma, n)))).astype(np.int64)
     virality = 1.0 + rng.pareto(cfg.pareto_shape, n)
-    rate = np.minimum(cfg.remix_rate * np.exp(cfg.taste_slope * taste) * virality, 0.5)
-    remix = rng.poisson(views * rate).astype(np.int64)
+    # remix intent fades as an image ages: the hazard per view is rate * exp(-v / novelty_views), so an image
+    # that will be remixed usually is early, and the expected count over V views saturates at rate * novelty
+    tau = cfg.novelty_views
+    rate = cfg.remix_rate * np.exp(cfg.taste_slope * taste) * virality
+    fade = -np.expm1(-views / tau)
+    expected = np.minimum(rate * tau * fade, 0.5 * views)
+    remix = rng.poisson(expected).astype(np.int64)
     p_infl = cfg.influencer_rate / (1.0 + np.exp(-3.0 * (taste - 1.0)))  # influencers pick tasteful images
     influencer = rng.random(n) < p_infl
     remix = np.where(influencer & (remix == 0), 1, remix)
-    # first remix: exponential waiting time (in views) truncated to the image's views
+    # the first remix, given at least one: the first arrival of the faded process, inverted in closed form
     u = rng.random(n)
-    lam = np.maximum(rate, 1e-12)
-    first = np.ceil(-np.log1p(-u * (-np.expm1(-lam * views))) / lam)
+    total = np.maximum(expected, 1e-12)
+    share = -np.log1p(-u * -np.expm1(-total)) / total  # share of the expected count reached by the first remix
+    first = np.ceil(-tau * np.log1p(-share * fade))
     first = np.clip(first, 1, views).astype(np.int64)
     nsfw = rng.beta(1.0, 40.0, n).astype(np.float32)
     flagged = rng.random(n) < cfg.nsfw_rate

@@ -57,6 +57,7 @@ from sr_ray.config import to_dict
 from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
+from sr_ray.datacard import table1_ratios
 from sr_ray.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
@@ -642,6 +643,8 @@ def _counts(p: dict[str, Any], summ: dict, pairs_per_split: dict, shard_stats: l
         "share_positive": round(positives / max(p["kept_rows"], 1), 5),
         "share_positive_of_pos_neg": round(pos_kept / max(pos_kept + negatives_kept, 1), 5),
         "images_in_triplets": int(summ["n_used_images"][kept].sum()),
+        "table1": table1_ratios(int(kept.sum()), pos_kept, negatives_kept, int(summ["pairs_before_cap"][kept].sum()),
+                                int(summ["n_creator"].sum()), positives),
     }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from sr_ray.curate import CurateConfig, normalize_prompt, pair_rank, split_of
+from sr_ray.datacard import table1_ratios
 
 
 def curate_pandas(log: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.DataFrame, dict]:
@@ -56,6 +57,8 @@ def curate_pandas(log: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.DataFrame, d
     pairs = pos.merge(neg, on="prompt", suffixes=("_p", "_n")).rename(columns={
         "image_id_p": "pos_id", "image_id_n": "neg_id", "image_uri_p": "pos_uri", "image_uri_n": "neg_uri"})
     counts["pairs_before_cap"] = int(len(pairs))
+    counts["table1"] = table1_ratios(len(kept), len(pos), len(neg), len(pairs), counts["positives_creator"],
+                                     int(log["is_pos"].sum()))
     if cfg.max_pairs_per_prompt and len(pairs):
         pairs = pairs.assign(_r=[pair_rank(cfg.seed, a, b) for a, b in zip(pairs["pos_id"], pairs["neg_id"])])
         pairs = pairs.sort_values(["prompt", "_r"]).groupby("prompt").head(cfg.max_pairs_per_prompt).drop(columns="_r")

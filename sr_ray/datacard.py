@@ -4,12 +4,43 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Any
 
 import numpy as np
 
 from sr_ray import images, storage
 from sr_ray.config import to_dict
+
+
+# Table 1 / appendix A.3 of the paper: 1.7M images, 3M pairs, 104K prompts, positives 8% of the dataset's images
+PAPER_TABLE1 = {"images_per_prompt": round(1.7e6 / 104e3, 1), "pairs_per_prompt": round(3e6 / 104e3, 1),
+                "positive_share": 0.08, "creator_share_of_positives": None}
+TABLE1_LABELS = {"images_per_prompt": "images per prompt", "pairs_per_prompt": "pairs per prompt (before any cap)",
+                 "positive_share": "positives / dataset images",
+                 "creator_share_of_positives": "creator-signal-only positives / positives"}
+
+
+def table1_ratios(prompts: int, positives: int, negatives: int, pairs: int, creator_only: int,
+                  all_positives: int) -> dict[str, float]:
+    """The dataset's shape as the paper's Table 1 gives it: the dataset is the positives and negatives of the
+    kept prompts (``prompts``, ``positives``, ``negatives``, ``pairs`` all of those); the creator share is over
+    every positive found (``creator_only`` of ``all_positives``: remixed by an influencer, not in the top
+    fraction)."""
+    images = positives + negatives
+    return {"images_per_prompt": round(images / max(prompts, 1), 3),
+            "pairs_per_prompt": round(pairs / max(prompts, 1), 3),
+            "positive_share": round(positives / max(images, 1), 5),
+            "creator_share_of_positives": round(creator_only / max(all_positives, 1), 5)}
+
+
+def table1_markdown(ratios: dict[str, float]) -> list[str]:
+    lines = ["| Table 1 shape | this dataset | paper |", "| --- | --- | --- |"]
+    for k, label in TABLE1_LABELS.items():
+        paper = PAPER_TABLE1[k]
+        fmt = (lambda v: f"{v:.1%}") if "share" in k else (lambda v: f"{v:.1f}")
+        lines.append(f"| {label} | {fmt(ratios[k])} | {'—' if paper is None else fmt(paper)} |")
+    return lines
 
 
 def remix_summary(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
@@ -78,8 +109,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({c['positives_content']:,} / {c['positives_creator']:,} / {c['positives_both']:,}) |",
         f"| view threshold (q = {summary['config']['threshold_quantile']}) | {c['view_threshold']:,.1f} |",
         f"| negatives | {c['negatives']:,} |",
-        f"| share of positives among images (paper: ~8%) | {c['share_positive']:.2%} |",
-        f"| share of positives among images in triplets | {c['share_positive_of_pos_neg']:.2%} |",
+        f"| share of positives among all images of the log | {c['share_positive']:.2%} |",
         f"| prompts | {c['prompts']:,} |",
         f"| prompts kept | {c['prompts_kept']:,} |",
         f"| prompts dropped: no positive / nothing but positives / no negative | "
@@ -89,6 +119,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "", "| split | prompts | triplets |", "| --- | --- | --- |",
     ]
     lines += [f"| {s} | {c['prompts_per_split'][s]:,} | {c['triplets'][s]:,} |" for s in ("train", "val", "test")]
+    lines += ["", "The dataset's shape beside the paper's (Table 1, A.3; the dataset = the positives and negatives "
+              "of the kept prompts):", ""] + table1_markdown(c["table1"])
     lines += ["", "Remix counts: " + ", ".join(f"{k} {v}" for k, v in rs.items()), "",
               "![distributions](distributions.png)", "", "Some triplets (first of a few prompts):", "",
               "![triplets](triplets.png)", ""]
@@ -128,14 +160,15 @@ def triplet_grid(rows: list[tuple[str, bytes, bytes]], cell: int = 128) -> bytes
     """PNG (paper Fig. 2): a row per prompt, its popular image left, an unpopular one right, the prompt above."""
     from PIL import Image, ImageDraw
 
-    cap, head, gap = 16, 18, 8
+    cap, head, gap = 28, 18, 8
+    chars = int((2 * cell + gap) / 6)
     canvas = Image.new("RGB", (2 * cell + gap, head + len(rows) * (cap + cell + 4)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 2), "popular", fill="darkgreen")
     draw.text((cell + gap + 2, 2), "unpopular", fill="darkred")
     for k, (prompt, pos, neg) in enumerate(rows):
         y = head + k * (cap + cell + 4)
-        draw.text((2, y + 2), prompt[:int(canvas.width / 6)], fill="black")
+        draw.text((2, y + 1), "\n".join(textwrap.wrap(prompt, chars)[:2]), fill="black", spacing=1)
         for j, data in enumerate((pos, neg)):
             try:
                 canvas.paste(images.decode(data).resize((cell, cell), Image.BICUBIC), (j * (cell + gap), y + cap))

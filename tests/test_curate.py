@@ -121,6 +121,8 @@ def test_rules_on_a_hand_built_log(hand_curated):
     assert all(t[3] == split_of(normalize_prompt(t[0]), [0.7, 0.1, 0.2]) for t in got)
     assert c["bad_images"] == 2 and c["dropped_pairs"] == len(selected) - len(expected) >= 2
     assert c["pairs_before_cap"] == 3 * 2 + 3 + 1 + 9
+    # Table 1's shape: 19 pairs over the 4 kept prompts; 7 of the 13 positives are the creator signal's alone
+    assert c["table1"]["pairs_per_prompt"] == 4.75 and c["table1"]["creator_share_of_positives"] == round(7 / 13, 5)
     card = json.loads((Path(out) / "datacard.json").read_text())
     assert card["counts"] == json.loads(json.dumps(c))
     assert (Path(out) / "REPORT.md").read_text().startswith("# Curated triplets")
@@ -129,7 +131,7 @@ def test_rules_on_a_hand_built_log(hand_curated):
     grid = Image.open(Path(out) / "triplets.png")
     first = sorted({t[3] for t in got}, key=["train", "val", "test"].index)[0]
     n = len({t[0] for t in got if t[3] == first})
-    assert grid.size == (2 * 128 + 8, 18 + min(n, 6) * (16 + 128 + 4))
+    assert grid.size == (2 * 128 + 8, 18 + min(n, 6) * (28 + 128 + 4))
     # packed images are the fetched bytes
     row = pq.read_table(Path(out) / [s for s in ("train", "val", "test") if (Path(out) / s).exists()][0]).to_pylist()[0]
     assert images.decode(row["pos_image"]).size == (24, 24)
@@ -171,20 +173,30 @@ def test_log_with_missing_columns_or_wrong_types_is_named(tmp_path):
         check_log(str(tmp_path / "l4"), None)
 
 
-def test_simulated_community_is_deterministic_heavy_tailed_and_curates_to_about_8_percent(tmp_path):
-    cfg = CommunityConfig(images=20_000, write_images=False, chunk_images=7000)
+def test_simulated_community_is_deterministic_heavy_tailed_and_curates_to_table1s_shape(tmp_path):
+    """At the demo's size (40K images) the curated dataset has the paper's Table 1 ratios: 1.7M images, 3M pairs
+    over 104K prompts = 16.3 images and 28.8 pairs per prompt, positives 8% of the dataset's images; the creator
+    signal gives a minority of the positives."""
+    cfg = CommunityConfig(images=40_000, write_images=False, chunk_images=15_000)
     a = pd.read_parquet(simulate(cfg, str(tmp_path / "a")))
     b = pd.read_parquet(simulate(cfg, str(tmp_path / "b")))
     pd.testing.assert_frame_equal(a.drop(columns="image_uri"), b.drop(columns="image_uri"))
-    assert len(a) == 20_000 and a.image_id.is_unique
+    assert len(a) == 40_000 and a.image_id.is_unique
     r = a.remix_count
     assert (r == 0).mean() > 0.5 and r.max() > 20 * r[r > 0].median()  # most never remixed, a few a lot
     assert 0.001 < (a.nsfw_score >= 0.5).mean() < 0.01 and a.influencer_remix.any()
     assert a.views_before_first_remix.isna().equals(r == 0)
     assert (a.views_before_first_remix.dropna() <= a.views[r > 0]).all()
     _, c = curate_pandas(a, CurateConfig())
-    assert 0.05 < (c["positives_content"] + c["positives_creator"] + c["positives_both"]) / c["images"] < 0.11
-    assert sum(c["triplets"].values()) > 1000
+    t1 = c["table1"]
+    assert 14 < t1["images_per_prompt"] < 19, t1
+    assert 24 < t1["pairs_per_prompt"] < 36, t1
+    assert 0.065 < t1["positive_share"] < 0.10, t1
+    assert 0.2 < t1["creator_share_of_positives"] < 0.5, t1
+    # the ratios are the counts': worked out from them by hand
+    kept = c["prompts_kept"]
+    assert t1["images_per_prompt"] == round((c["positives"] + c["negatives"]) / kept, 3)
+    assert t1["pairs_per_prompt"] == round(c["pairs_before_cap"] / kept, 3)
 
 
 def test_ray_job_equals_pandas_reference_on_a_community(ray_cluster, tmp_path):
@@ -196,7 +208,7 @@ def test_ray_job_equals_pandas_reference_on_a_community(ray_cluster, tmp_path):
     assert len(ref) > 200
     assert _triplets(s["out"]) == set(zip(ref.prompt, ref.pos_id, ref.neg_id, ref.split))
     for k in ("remix_cutoff", "view_threshold", "prompts", "prompts_kept", "prompts_dropped", "positives_content",
-              "positives_creator", "positives_both", "pairs_before_cap", "nsfw_removed"):
+              "positives_creator", "positives_both", "pairs_before_cap", "nsfw_removed", "table1"):
         assert s["counts"][k] == c[k], k
     assert s["counts"]["triplets"] == c["triplets"]
     # authors' form: the URIs, ready for the training job
