@@ -5,8 +5,8 @@ same rules, on simulated logs of growing size; rows/s, time growth and peak memo
     python jobs/benchmark_curate.py sizes=[20000,50000]     # quick
 """
 
-from sr_ray.cli import run_job
-from sr_ray.benchmark_curate import BenchCurateConfig, bench_curate, format_table
+from sr_ray.app.cli import run_job
+from sr_ray.bench.curate import BenchCurateConfig, bench_curate, format_table
 
 
 def main(argv=None) -> dict:

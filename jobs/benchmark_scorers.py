@@ -5,7 +5,7 @@
 """
 
 from sr_ray.bench.scorers import BenchScorersConfig, bench_scorers, format_table
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 
 
 def main(argv=None) -> dict:

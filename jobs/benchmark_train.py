@@ -5,8 +5,8 @@
     python jobs/benchmark_train.py model.name=ViT-L-14 steps=20 # e.g. on a GPU machine (bf16 autocast)
 """
 
-from sr_ray.cli import run_job
-from sr_ray.benchmark import BenchTrainConfig, bench_train, format_table
+from sr_ray.app.cli import run_job
+from sr_ray.bench.train import BenchTrainConfig, bench_train, format_table
 
 
 def main(argv=None) -> dict:

@@ -12,7 +12,7 @@ Writes <out>/table.md|csv, accuracy.png, differences.md|csv, agreement.md|csv, s
 The last stdout line is JSON: {"results": {set: {scorer: {accuracy, ci_low, ci_high, pairs}}}, ...}.
 """
 
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 from sr_ray.eval.compare import CompareConfig, compare_rewards
 
 

@@ -7,8 +7,8 @@
 The last stdout line is the JSON summary (also in <out>/datacard.json, with REPORT.md and distributions.png).
 """
 
-from sr_ray.cli import run_job
-from sr_ray.curate import CurateConfig, curate
+from sr_ray.app.cli import run_job
+from sr_ray.curation.curate import CurateConfig, curate
 
 
 def main(argv=None) -> dict:

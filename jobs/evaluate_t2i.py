@@ -12,7 +12,7 @@ best_of_n.* with best_of_n=<metric>). The last stdout line is JSON.
 
 from pathlib import Path
 
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 from sr_ray.eval.t2i import EvaluateT2IConfig, evaluate_t2i
 
 DEFAULT = Path(__file__).parent / "configs" / "evaluate_t2i" / "demo.yaml"

@@ -11,7 +11,7 @@ diffusers pipeline in <run>/pipeline. The last stdout line is JSON.
 
 from pathlib import Path
 
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 from sr_ray.diffusion.finetune import FinetuneSDConfig, finetune_sd
 
 DEFAULT = Path(__file__).parent / "configs" / "finetune_sd" / "demo.yaml"

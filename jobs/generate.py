@@ -12,7 +12,7 @@ skips finished shards). The last stdout line is JSON.
 
 from pathlib import Path
 
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 from sr_ray.diffusion.generate import GenerateConfig, generate
 
 DEFAULT = Path(__file__).parent / "configs" / "generate" / "demo.yaml"

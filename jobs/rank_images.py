@@ -8,7 +8,7 @@
 Writes <out>.png (a row per scorer) and <out>.json (each image's score and rank); the last stdout line is JSON.
 """
 
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 from sr_ray.eval.figures import RankImagesConfig, rank_images
 
 

@@ -10,8 +10,8 @@ report.md / report.json / score_distribution.png beside them; the worst prompts 
 
 from pathlib import Path
 
-from sr_ray.cli import run_job
-from sr_ray.select import SelectConfig, select_pairs
+from sr_ray.app.cli import run_job
+from sr_ray.generations.select import SelectConfig, select_pairs
 
 DEFAULT = Path(__file__).parent / "configs" / "select_pairs" / "demo.yaml"
 

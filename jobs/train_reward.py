@@ -8,8 +8,8 @@ The last stdout line is the JSON summary (also written to <run dir>/summary.json
 
 from pathlib import Path
 
-from sr_ray.cli import run_job
-from sr_ray.train import TrainRewardConfig, train_reward
+from sr_ray.app.cli import run_job
+from sr_ray.reward.train import TrainRewardConfig, train_reward
 
 DEFAULT = Path(__file__).parent / "configs" / "train_reward" / "demo.yaml"
 

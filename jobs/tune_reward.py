@@ -9,8 +9,8 @@ The last stdout line is the JSON summary (also <sweep dir>/summary.json, with re
 
 from pathlib import Path
 
-from sr_ray.cli import run_job
-from sr_ray.tune import TuneRewardConfig, tune_reward
+from sr_ray.app.cli import run_job
+from sr_ray.reward.tune import TuneRewardConfig, tune_reward
 
 DEFAULT = Path(__file__).parent / "configs" / "tune_reward" / "demo.yaml"
 

@@ -11,7 +11,7 @@ more than ``tolerance``.
 import sys
 
 from sr_ray.bench.verify_scorers import VerifyScorersConfig, format_table, verify_scorers
-from sr_ray.cli import run_job
+from sr_ray.app.cli import run_job
 
 
 def main(argv=None) -> dict:

@@ -17,8 +17,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from sr_ray.core.errors import DataError
-    from sr_ray.images import BadImage
-    from sr_ray.score import RewardScorer
+    from sr_ray.core.images import BadImage
+    from sr_ray.reward.score import RewardScorer
 
     try:
         scorer = RewardScorer(args.checkpoint, device=args.device)

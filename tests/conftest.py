@@ -20,7 +20,7 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = FAKE_SECRET
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 
-from sr_ray.ray_utils import free_port  # noqa: E402,F401  (tests import it from here)
+from sr_ray.core.ray_utils import free_port  # noqa: E402,F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so tests can import jobs/ entry points
@@ -44,7 +44,7 @@ def s3_endpoint():
 def ray_cluster(s3_endpoint):
     import ray
 
-    from sr_ray.ray_utils import init_ray
+    from sr_ray.core.ray_utils import init_ray
 
     # the jobs' own local start (dashboard on a free port: Train's placement-group cleaner needs its State API)
     # tests/ on the workers' path: scorers named by import path (tests/plugin_scorers.py) load in actors
@@ -70,8 +70,8 @@ def checkpoint(tmp_path_factory) -> str:
     """A reward checkpoint of the tiny CLIP with random weights (seeded), for the scoring tests."""
     import torch
 
-    from sr_ray.model import ModelConfig, RewardModel, build_clip
-    from sr_ray.score import save_model
+    from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
+    from sr_ray.reward.score import save_model
 
     path = tmp_path_factory.mktemp("reward")
     torch.manual_seed(1)
@@ -97,7 +97,7 @@ def small_overrides(tmp_path: Path, demo_cache: str, name: str = "t", train: int
 
 
 def load_train_config(overrides: list[str]):
-    from sr_ray.config import load_config
-    from sr_ray.train import TrainRewardConfig
+    from sr_ray.core.config import load_config
+    from sr_ray.reward.train import TrainRewardConfig
 
     return load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/demo.yaml", overrides)

@@ -19,16 +19,16 @@ from PIL import Image
 
 import corpus
 from conftest import ROOT
-from sr_ray import images, storage
-from sr_ray.batch_score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, check_rows, inspect_inputs,
+from sr_ray.core import images, storage
+from sr_ray.generations.score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, check_rows, inspect_inputs,
                                 score_generations)
-from sr_ray.config import ConfigError, load_config, to_dict
+from sr_ray.core.config import ConfigError, load_config, to_dict
 from sr_ray.core import parquet
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
-from sr_ray.data import DataConfig, DataError, TripletPreprocessor, preflight
-from sr_ray.model import ModelConfig, RewardModel, build_clip
-from sr_ray.score import RewardScorer, read_checkpoint, save_model
-from sr_ray.train import TrainRewardConfig
+from sr_ray.reward.data import DataConfig, DataError, TripletPreprocessor, preflight
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
+from sr_ray.reward.score import RewardScorer, read_checkpoint, save_model
+from sr_ray.reward.train import TrainRewardConfig
 
 MODEL = to_dict(ModelConfig(name="sr-tiny"))
 GOOD = corpus.IMAGES["png"][0]
@@ -90,7 +90,7 @@ def test_every_prompt_case_is_usable_or_named(name):
 
 def test_control_characters_read_as_spaces():
     assert clean_prompt("a red\x00square\x1b") == "a red square "
-    from sr_ray.data import preprocessing
+    from sr_ray.reward.data import preprocessing
 
     _, tok, _ = preprocessing(MODEL)
     assert torch.equal(tok([clean_prompt("a red\x00square")]), tok(["a red square"]))
@@ -117,7 +117,7 @@ def test_training_preprocessor_marks_exactly_the_bad_cases():
 
 
 def test_scoring_stages_reject_exactly_the_bad_cases_with_their_reason(checkpoint):
-    from sr_ray.batch_score import checkpoint_model_config
+    from sr_ray.generations.score import checkpoint_model_config
 
     rows = corpus_rows()
     batch = {"generation_id": np.array([r[0] for r in rows], dtype=object),
@@ -293,8 +293,8 @@ def test_a_checkpoint_that_is_not_one_is_named(tmp_path):
 
 
 def test_config_values_are_checked_with_the_key_named(tmp_path):
-    from sr_ray.batch_score import ScoreConfig as SC
-    from sr_ray.curate import CurateConfig
+    from sr_ray.generations.score import ScoreConfig as SC
+    from sr_ray.curation.curate import CurateConfig
 
     with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
         load_config(TrainRewardConfig, None, ["optim.learning_rate=1"])
@@ -312,7 +312,7 @@ def test_every_numeric_key_of_every_job_refuses_a_negative_value():
     import dataclasses
     import typing
 
-    from sr_ray.config import from_dict
+    from sr_ray.core.config import from_dict
 
     def numeric_keys(cls, prefix=""):
         hints = typing.get_type_hints(cls)
@@ -323,13 +323,13 @@ def test_every_numeric_key_of_every_job_refuses_a_negative_value():
             elif tp in (int, float, int | None, float | None) and f.name not in getattr(cls, "SIGNED", ()):
                 yield f"{prefix}{f.name}"
 
-    from sr_ray.curate import CurateConfig
+    from sr_ray.curation.curate import CurateConfig
     from sr_ray.diffusion.finetune import FinetuneSDConfig
     from sr_ray.diffusion.generate import GenerateConfig
     from sr_ray.eval.compare import CompareConfig
     from sr_ray.eval.t2i import EvaluateT2IConfig
-    from sr_ray.select import SelectConfig
-    from sr_ray.tune import TuneRewardConfig
+    from sr_ray.generations.select import SelectConfig
+    from sr_ray.reward.tune import TuneRewardConfig
 
     checked = 0
     for cls in (TrainRewardConfig, TuneRewardConfig, CurateConfig, ScoreConfig, SelectConfig, FinetuneSDConfig,
@@ -359,16 +359,16 @@ def test_credentials_in_a_uri_are_refused_without_being_echoed(tmp_path):
 
 def test_an_output_that_is_a_file_is_refused_before_ray(tmp_path, monkeypatch):
     """Defect 11: out / run.storage_path naming a file gave a traceback, for scoring only after the work."""
-    import sr_ray.ray_utils
-    import sr_ray.train
-    from sr_ray.curate import CurateConfig, curate
-    from sr_ray.train import train_reward
+    import sr_ray.core.ray_utils
+    import sr_ray.reward.train
+    from sr_ray.curation.curate import CurateConfig, curate
+    from sr_ray.reward.train import train_reward
 
     def no_ray(*a, **k):
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(sr_ray.ray_utils, "init_ray", no_ray)
-    monkeypatch.setattr(sr_ray.train, "init_ray", no_ray)
+    monkeypatch.setattr(sr_ray.core.ray_utils, "init_ray", no_ray)
+    monkeypatch.setattr(sr_ray.reward.train, "init_ray", no_ray)
     f = tmp_path / "a-file"
     f.write_text("x")
     _write(tmp_path / "gen" / "a.parquet", generations(2))
@@ -384,7 +384,7 @@ def test_an_output_that_is_a_file_is_refused_before_ray(tmp_path, monkeypatch):
 
 def test_resources_no_node_can_hold_are_refused_not_waited_for(ray_cluster):
     """Defect 13: scaling.cpus_per_worker=100 on 2 CPUs hung with autoscaler messages."""
-    from sr_ray.ray_utils import check_resources
+    from sr_ray.core.ray_utils import check_resources
 
     check_resources([{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 1}], "fits", fixed=True)
     with pytest.raises(ConfigError, match=r"workers need 1 x \{'CPU': 100.0\}.*CPU 2, GPU 0 in all"):
@@ -468,9 +468,9 @@ def test_scoring_job_on_the_corpus_counts_every_case_and_keeps_every_column(ray_
     assert np.isfinite(scored["score"].to_numpy()).all()
 
     # a re-run finds every shard committed, from these very files, and does not start Ray (defect 15)
-    import sr_ray.ray_utils
+    import sr_ray.core.ray_utils
 
-    monkeypatch.setattr(sr_ray.ray_utils, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray")))
+    monkeypatch.setattr(sr_ray.core.ray_utils, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray")))
     again = score_generations(cfg)
     assert again["shards_skipped"] == again["shards"] == 5 and again["rows"] == s["rows"]
 
@@ -537,7 +537,7 @@ def test_the_summary_stays_the_last_stdout_line_whatever_prints_after_it(tmp_pat
     script.write_text(
         "import atexit, os, sys, threading, time\n"
         "from dataclasses import dataclass\n"
-        "from sr_ray.cli import run_job\n"
+        "from sr_ray.app.cli import run_job\n"
         "@dataclass\n"
         "class C:\n"
         "    n: int = 1\n"

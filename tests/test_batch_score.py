@@ -6,11 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sr_ray.batch_score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, inspect_inputs,
+from sr_ray.generations.score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, inspect_inputs,
                                 score_generations)
-from sr_ray.data import DataError
-from sr_ray.demo import make_generations
-from sr_ray.score import RewardScorer
+from sr_ray.reward.data import DataError
+from sr_ray.demo.data import make_generations
+from sr_ray.reward.score import RewardScorer
 
 
 def write_generations(folder, prompts=12, per_prompt=3, bad=3, files=3, seed=0):
@@ -25,7 +25,7 @@ def write_generations(folder, prompts=12, per_prompt=3, bad=3, files=3, seed=0):
 
 def run_stages(checkpoint, cols, batch=8, backend="torch"):
     """The job's two map_batches stages, in this process, over numpy batches of ``cols``."""
-    from sr_ray.batch_score import checkpoint_model_config
+    from sr_ray.generations.score import checkpoint_model_config
 
     prep = GenerationPreprocessor(checkpoint_model_config(checkpoint), None, None)
     scorer = GenerationScorer(checkpoint, backend=backend, device="cpu")
@@ -194,7 +194,7 @@ def test_killed_job_resumes_and_scores_every_generation_exactly_once(ray_cluster
 
 def test_decode_runs_in_cpu_tasks_when_the_scorers_take_gpus(ray_cluster, checkpoint, tmp_path, capsys):
     """The physical plan: on GPU the decode stage stays apart (CPU tasks); on CPU Ray Data fuses it into the actors."""
-    from sr_ray.batch_score import build_pipeline, checkpoint_model_config
+    from sr_ray.generations.score import build_pipeline, checkpoint_model_config
 
     write_generations(tmp_path / "gen", prompts=2, per_prompt=2, bad=0, files=1)
     files = inspect_inputs(str(tmp_path / "gen"), None)
@@ -215,8 +215,8 @@ def test_any_scorer_scores_generations_with_its_own_preprocessing(ray_cluster, t
     with other scorer settings refused, naming them."""
     from PIL import Image
 
-    from sr_ray import images
-    from sr_ray.config import ConfigError
+    from sr_ray.core import images
+    from sr_ray.core.config import ConfigError
 
     colours = [(255, 0, 0), (0, 255, 0), (128, 64, 0)]
     cols = {"generation_id": ["r", "g", "o", "bad"], "prompt": ["a", "a", "b", "b"],

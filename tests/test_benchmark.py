@@ -30,7 +30,7 @@ def test_scoring_benchmark_times_both_sides_on_the_same_images(ray_cluster, tmp_
 
 
 def test_finetune_variants_are_known():
-    from sr_ray.diffusion.benchmark import VARIANTS, BenchFinetuneConfig
+    from sr_ray.bench.finetune import VARIANTS, BenchFinetuneConfig
 
     assert {"ddp", "zero2", "zero2+latents"} <= set(VARIANTS)
     with pytest.raises(ValueError, match="variants"):

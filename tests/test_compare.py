@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sr_ray import images
-from sr_ray.config import ConfigError, load_config
+from sr_ray.core import images
+from sr_ray.core.config import ConfigError, load_config
 from sr_ray.core.errors import DataError
 from sr_ray.eval.compare import CompareConfig, accuracy_markdown, compare_rewards
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sr_ray.config import ConfigError, load_config, to_dict
-from sr_ray.train import TrainRewardConfig
+from sr_ray.core.config import ConfigError, load_config, to_dict
+from sr_ray.reward.train import TrainRewardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
@@ -13,13 +13,13 @@ CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads(path):
-    from sr_ray.batch_score import ScoreConfig
+    from sr_ray.generations.score import ScoreConfig
     from sr_ray.diffusion.finetune import FinetuneSDConfig
     from sr_ray.diffusion.generate import GenerateConfig
     from sr_ray.eval.compare import CompareConfig
     from sr_ray.eval.t2i import EvaluateT2IConfig
-    from sr_ray.select import SelectConfig
-    from sr_ray.tune import TuneRewardConfig, check_search
+    from sr_ray.generations.select import SelectConfig
+    from sr_ray.reward.tune import TuneRewardConfig, check_search
 
     cls = {"train_reward": TrainRewardConfig, "tune_reward": TuneRewardConfig,
            "score_generations": ScoreConfig, "select_pairs": SelectConfig,
@@ -37,7 +37,7 @@ def test_paper_yaml_is_the_authors_recipe():
 
     import torch
 
-    from sr_ray.train import lr_factor, param_groups
+    from sr_ray.reward.train import lr_factor, param_groups
 
     cfg = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml")
     assert (cfg.model.name, cfg.model.pretrained) == ("ViT-L-14-quickgelu", "openai")
@@ -98,10 +98,10 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
 
 
 def test_job_rejects_unknown_key_before_ray_starts(monkeypatch, capsys):
-    import sr_ray.train
+    import sr_ray.reward.train
     from jobs import train_reward  # noqa: F401  (jobs/ is importable from the repo root)
 
-    monkeypatch.setattr(sr_ray.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sr_ray.reward.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
     with pytest.raises(SystemExit) as e:
         train_reward.main(["model.nmae=ViT-B-32"])
     assert e.value.code == 2
@@ -109,10 +109,10 @@ def test_job_rejects_unknown_key_before_ray_starts(monkeypatch, capsys):
 
 
 def test_job_rejects_bad_data_uri_before_ray_starts(monkeypatch, tmp_path):
-    import sr_ray.train
+    import sr_ray.reward.train
     from jobs import train_reward
 
-    monkeypatch.setattr(sr_ray.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sr_ray.reward.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
     with pytest.raises(SystemExit) as e:
         train_reward.main([f"data.train={tmp_path}/nope", f"run.storage_path={tmp_path}"])
     assert "data.train=" in str(e.value.code) and "no such file or folder" in str(e.value.code)

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sr_ray import images
-from sr_ray.community import CommunityConfig, simulate
-from sr_ray.curate import (CurateConfig, check_log, curate, linear_quantile, normalize_prompt, pair_rank,
+from sr_ray.core import images
+from sr_ray.demo.community import CommunityConfig, simulate
+from sr_ray.curation.curate import (CurateConfig, check_log, curate, linear_quantile, normalize_prompt, pair_rank,
                            split_of)
-from sr_ray.curate_reference import curate_pandas
-from sr_ray.config import ConfigError
-from sr_ray.data import DataError
+from sr_ray.bench.curate_reference import curate_pandas
+from sr_ray.core.config import ConfigError
+from sr_ray.reward.data import DataError
 
 
 def _row(prompt, image_id, remix=0, views=10, vbfr=None, infl=False, nsfw=0.0):
@@ -246,7 +246,7 @@ def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket)
     comm = f"s3://{s3_bucket}/community"
     log = simulate(CommunityConfig(images=300, image_size=32, chunk_images=150, seed=2), comm)
     out = f"s3://{s3_bucket}/triplets"
-    s = curate(CurateConfig(log=log, out=out, top_fraction=0.05, nsfw_classifier="sr_ray.nsfw:ColourShareNSFW",
+    s = curate(CurateConfig(log=log, out=out, top_fraction=0.05, nsfw_classifier="sr_ray.curation.nsfw:ColourShareNSFW",
                             nsfw_max=0.3, rows_per_shard=50))
     assert s["counts"]["nsfw_removed"] > 0  # pink-dominated images, as scored by the plugged-in classifier
     import boto3
@@ -258,15 +258,15 @@ def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket)
 
 
 def test_clip_zero_shot_nsfw_hook_scores_images_in_unit_interval():
-    from sr_ray.nsfw import ClipZeroShotNSFW, load_classifier
+    from sr_ray.curation.nsfw import ClipZeroShotNSFW, load_classifier
 
-    clf = load_classifier("sr_ray.nsfw:ClipZeroShotNSFW")(model_name="sr-tiny", pretrained=None)
+    clf = load_classifier("sr_ray.curation.nsfw:ClipZeroShotNSFW")(model_name="sr-tiny", pretrained=None)
     assert isinstance(clf, ClipZeroShotNSFW)
     rng = np.random.default_rng(0)
     s = clf([images.draw("red", "circle", rng, 32), images.draw("blue", "square", rng, 32)])
     assert s.shape == (2,) and ((s >= 0) & (s <= 1)).all()
     with pytest.raises(ValueError, match="expected 'module:Class'"):
-        load_classifier("sr_ray.nsfw.ClipZeroShotNSFW")
+        load_classifier("sr_ray.curation.nsfw.ClipZeroShotNSFW")
 
 
 def test_another_log_into_the_same_out_is_refused_and_bad_rows_are_counted(hand_curated, tmp_path):

@@ -6,12 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sr_ray import storage
-from sr_ray.config import to_dict
-from sr_ray.data import DataConfig, DataError, TripletPreprocessor, preflight, prompt_id, split_info
-from sr_ray.demo import DemoConfig, ensure_demo_data, make_triplets, write_split
-from sr_ray.model import ModelConfig, RewardModel, build_clip
-from sr_ray.score import pairwise_accuracy
+from sr_ray.core import storage
+from sr_ray.core.config import to_dict
+from sr_ray.reward.data import DataConfig, DataError, TripletPreprocessor, preflight, prompt_id, split_info
+from sr_ray.demo.data import DemoConfig, ensure_demo_data, make_triplets, write_split
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
+from sr_ray.reward.score import pairwise_accuracy
 
 MODEL = to_dict(ModelConfig(name="sr-tiny"))
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sr_ray.config import ConfigError
+from sr_ray.core.config import ConfigError
 from sr_ray.diffusion.generate import (GenComputeConfig, GenerateConfig, ImageGenerator, SamplingConfig, check_models, generate,
                                        image_seed, load_prompt_sets, read_prompt_file)
 from sr_ray.eval.scorers import BUILTIN, PAPER_METRICS
@@ -118,7 +118,7 @@ def test_same_seed_same_image_whatever_the_batch_and_model_order():
     assert list(out["negative_prompt"]) == [""] * 4
     g2 = ImageGenerator("baseline", "tiny", s, batch_size=1, device="cpu")
     one = g2({k: v[1:] for k, v in batch.items()})  # the second prompt alone, one image per call
-    from sr_ray import images
+    from sr_ray.core import images
     a = [np.asarray(images.decode(x), dtype=np.int16) for x in out["image"][2:]]
     b = [np.asarray(images.decode(x), dtype=np.int16) for x in one["image"]]
     assert a[0].shape == (32, 32, 3)
@@ -132,8 +132,8 @@ def test_same_seed_same_image_whatever_the_batch_and_model_order():
 def sd_dirs(tmp_path_factory):
     """A 'fine-tuned' model: the tiny SD with other weights, saved as a fine-tuning run's pipeline; a reward ckpt."""
     from sr_ray.diffusion.components import SDModelConfig, load_components, pipeline
-    from sr_ray.model import ModelConfig, RewardModel, build_clip
-    from sr_ray.score import save_model
+    from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
+    from sr_ray.reward.score import save_model
 
     root = tmp_path_factory.mktemp("t2i")
     pipeline(load_components(SDModelConfig(seed=1))).save_pretrained(root / "run" / "pipeline")
@@ -165,8 +165,8 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
     assert (by.loc["baseline"] == by.loc["finetuned"]).all()  # same noise for both models
     scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
     assert scores[["social_reward", "clip", "pickscore"]].notna().all().all()
-    from sr_ray.score import RewardScorer
-    from sr_ray import images
+    from sr_ray.reward.score import RewardScorer
+    from sr_ray.core import images
     row = gen.iloc[5]
     want = RewardScorer(str(sd_dirs), device="cpu").score([row["prompt"]], [images.decode(row["image"])])[0]
     assert scores.set_index("generation_id").loc[row["generation_id"], "social_reward"] == pytest.approx(want, abs=1e-5)

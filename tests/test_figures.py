@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sr_ray import images
+from sr_ray.core import images
 from sr_ray.core.errors import DataError
 from sr_ray.eval.figures import RankImagesConfig, rank_images
 

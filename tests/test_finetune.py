@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sr_ray.data import DataError
-from sr_ray.demo import make_generations
+from sr_ray.reward.data import DataError
+from sr_ray.demo.data import make_generations
 from sr_ray.diffusion.components import SDModelConfig, load_components
 from sr_ray.diffusion.data import FinetuneDataConfig, FinetunePreprocessor, preflight
 from sr_ray.diffusion.finetune import FinetuneOptimConfig, diffusion_loss, freeze
@@ -99,7 +99,7 @@ def write_set(folder, rows=24, bad=1):
 def ft_config(tmp_path, name, *extra):
     from conftest import ROOT
 
-    from sr_ray.config import load_config
+    from sr_ray.core.config import load_config
     from sr_ray.diffusion.finetune import FinetuneSDConfig
 
     return load_config(FinetuneSDConfig, ROOT / "jobs/configs/finetune_sd/demo.yaml", [
@@ -181,8 +181,8 @@ def test_demo_yaml_is_the_embedded_demo_config_and_the_tiny_vae_reconstructs():
     (a random one decodes everything to noise): a demo picture comes back close, unit-variance latents."""
     from conftest import ROOT
 
-    from sr_ray import images
-    from sr_ray.config import load_config, to_dict
+    from sr_ray.core import images
+    from sr_ray.core.config import load_config, to_dict
     from sr_ray.diffusion.finetune import FinetuneSDConfig, demo_config
 
     assert to_dict(load_config(FinetuneSDConfig, ROOT / "jobs/configs/finetune_sd/demo.yaml")) == to_dict(demo_config())

@@ -13,9 +13,9 @@ import contextlib
 import pytest
 import torch
 
-from sr_ray.losses import LOSSES, LossConfig
-from sr_ray.model import ModelConfig, RewardModel, build_clip, freeze
-from sr_ray.train import train_step
+from sr_ray.reward.losses import LOSSES, LossConfig
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, freeze
+from sr_ray.reward.train import train_step
 
 ROWS = 16
 PROMPTS = [0, 1, 1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10, 11, 12, 12]  # prompt 6 spans rows 7-8: one on each worker

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sr_ray.losses import LOSSES, LossConfig, compute_loss
+from sr_ray.reward.losses import LOSSES, LossConfig, compute_loss
 
 # One triplet: t = e1, p at 60 degrees from t, n at 90 degrees: cos(t,p) = 0.5, cos(t,n) = 0.
 T = torch.tensor([[1.0, 0.0]])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sr_ray.model import ModelConfig, RewardModel, build_clip, count_params, freeze
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, count_params, freeze
 
 
 def block(w: int) -> int:
@@ -98,11 +98,11 @@ def test_openai_weights_need_the_quickgelu_architecture():
     the pair, before any weight is fetched, and names the architecture to use instead."""
     import open_clip
 
-    from sr_ray.config import ConfigError, load_config
+    from sr_ray.core.config import ConfigError, load_config
     from sr_ray.eval.scorers.aesthetic import AestheticConfig
     from sr_ray.eval.scorers.clip import ClipConfig
-    from sr_ray.model import activation_problem
-    from sr_ray.train import TrainRewardConfig, check_config
+    from sr_ray.reward.model import activation_problem
+    from sr_ray.reward.train import TrainRewardConfig, check_config
 
     assert activation_problem("ViT-L-14", "openai") == (
         "model.name='ViT-L-14' uses GELU but the 'openai' weights were trained with QuickGELU: "
@@ -133,8 +133,8 @@ def test_paper_yaml_trains_the_authors_optimizer_set_on_vit_l14():
     import open_clip
 
     from conftest import ROOT
-    from sr_ray.config import load_config
-    from sr_ray.train import TrainRewardConfig
+    from sr_ray.core.config import load_config
+    from sr_ray.reward.train import TrainRewardConfig
 
     paper = load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/paper.yaml").model
     model = open_clip.create_model(paper.name, device="meta")  # the architecture without 1.7 GB of weights

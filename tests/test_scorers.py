@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sr_ray.config import ConfigError
+from sr_ray.core.config import ConfigError
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 from sr_ray.eval.scorers.aesthetic import AestheticConfig, LaionAesthetic
 from sr_ray.eval.scorers.base import fetch_weights
@@ -55,7 +55,7 @@ def test_aesthetic_heads_load_in_the_published_layouts_and_score_by_hand(tmp_pat
 
 
 def test_hps_checkpoint_format_transform_and_cosine_without_logit_scale(tmp_path, pics):
-    from sr_ray.model import ModelConfig, build_clip
+    from sr_ray.reward.model import ModelConfig, build_clip
 
     torch.manual_seed(5)
     clip = build_clip(ModelConfig(name="sr-tiny-77"))

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from conftest import FAKE_SECRET, ROOT, load_train_config, small_overrides
-from sr_ray import storage
-from sr_ray.config import ConfigError, load_config
-from sr_ray.data import DataError
-from sr_ray.demo import DemoConfig, ensure_demo_data, make_triplets
-from sr_ray.train import TrainRewardConfig, train_reward
+from sr_ray.core import storage
+from sr_ray.core.config import ConfigError, load_config
+from sr_ray.reward.data import DataError
+from sr_ray.demo.data import DemoConfig, ensure_demo_data, make_triplets
+from sr_ray.reward.train import TrainRewardConfig, train_reward
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_train_from_s3_to_s3(ray_cluster, tmp_path, demo_cache, s3_bucket, capfd
     assert summary["run_dir"] == f"s3://{s3_bucket}/runs/s3run"
     assert json.loads(storage.read_bytes(f"s3://{s3_bucket}/runs/s3run/summary.json"))["steps"] == 10
     assert storage.list_files(f"s3://{s3_bucket}/runs/s3run/tensorboard", suffixes=("",))
-    from sr_ray.score import RewardScorer
+    from sr_ray.reward.score import RewardScorer
 
     img = pq.read_table(splits["test"]).column("pos_image")[0].as_py()
     assert RewardScorer(summary["checkpoint"], device="cpu").score("a red cat", [img]).shape == (1,)

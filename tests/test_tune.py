@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from sr_ray.config import ConfigError, load_config, to_dict
-from sr_ray.tune import TuneRewardConfig, check_search, concurrency, tune_reward
+from sr_ray.core.config import ConfigError, load_config, to_dict
+from sr_ray.reward.tune import TuneRewardConfig, check_search, concurrency, tune_reward
 
 JOB = ROOT / "jobs" / "tune_reward.py"
 
@@ -36,9 +36,9 @@ def load_tune_config(overrides: list[str]) -> TuneRewardConfig:
 
 
 def no_ray(monkeypatch):
-    import sr_ray.ray_utils
+    import sr_ray.core.ray_utils
 
-    monkeypatch.setattr(sr_ray.ray_utils, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sr_ray.core.ray_utils, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
 
 
 @pytest.mark.parametrize("search, message", [
@@ -74,8 +74,8 @@ def test_concurrency_fits_the_cluster():
 
 
 def test_shipped_paper_sweep_is_table7_over_the_paper_training_job():
-    from sr_ray.config import to_dict
-    from sr_ray.train import TrainRewardConfig
+    from sr_ray.core.config import to_dict
+    from sr_ray.reward.train import TrainRewardConfig
 
     sweep = load_config(TuneRewardConfig, JOB.parent / "configs" / "tune_reward" / "paper.yaml")
     check_search(sweep)
@@ -167,7 +167,7 @@ def test_best_checkpoint_is_one_that_train_kept(tmp_path):
     """Equal best scores: Train keeps the newest checkpoint, so that is the one to report (the older is gone)."""
     import pandas as pd
 
-    from sr_ray.tune import _best_checkpoint
+    from sr_ray.reward.tune import _best_checkpoint
 
     kept = tmp_path / "checkpoint_2"
     kept.mkdir()
@@ -179,7 +179,7 @@ def test_best_checkpoint_is_one_that_train_kept(tmp_path):
 
 def test_swept_values_take_the_training_fields_types():
     """YAML reads 1e-3 as a string; the trials, table and plot must see the float the training job uses."""
-    from sr_ray.tune import param_space
+    from sr_ray.reward.tune import param_space
 
     cfg = load_tune_config(["search=" + json.dumps({"optim.lr": {"grid": ["2e-3", "1e-7"]},
                                                      "model.unfreeze_text_blocks": {"choice": ["1", 2]}})])
@@ -192,8 +192,8 @@ def test_best_checkpoint_on_s3_gets_its_scheme_back(s3_endpoint, s3_bucket):
     """Tune reports an S3 checkpoint as bucket/key; the summary needs an s3:// URI that scoring can open."""
     import pandas as pd
 
-    from sr_ray import storage
-    from sr_ray.tune import _best_checkpoint
+    from sr_ray.core import storage
+    from sr_ray.reward.tune import _best_checkpoint
 
     storage.write_bytes(f"s3://{s3_bucket}/trials/t1/checkpoint_b/model.pt", b"x", s3_endpoint)
     hist = pd.DataFrame({"step": [5, 10], "val_pairwise_accuracy": [0.7, 0.8],
@@ -202,8 +202,8 @@ def test_best_checkpoint_on_s3_gets_its_scheme_back(s3_endpoint, s3_bucket):
 
 
 def test_table7_keeps_each_losss_best_trial_beside_the_papers_figure():
-    from sr_ray.train import TrainRewardConfig
-    from sr_ray.tune import table7, table7_markdown
+    from sr_ray.reward.train import TrainRewardConfig
+    from sr_ray.reward.tune import table7, table7_markdown
 
     base = to_dict(TrainRewardConfig())
     rows = [  # best first, as the sweep sorts them

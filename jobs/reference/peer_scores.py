@@ -10,7 +10,7 @@ med_config.json like ImageReward.pt; OpenAI CLIP weights + a head .pth like the 
 transformers model folder + processor folder like PickScore_v1) and scores every (prompt, image) pair with
 the peer's own scoring code. Out: ``<out>/reference.json`` with the scores and every file's path.
 
-    python jobs/reference/peer_scores.py --out DIR --images DIR --prompts FILE --sr-configs sr_ray/model_configs
+    python jobs/reference/peer_scores.py --out DIR --images DIR --prompts FILE --sr-configs sr_ray/reward/model_configs
 """
 
 import argparse

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sr_ray.core.errors import ConfigError
+from sr_ray.reward.model import MODEL_CONFIG_DIR
 
 log = logging.getLogger("sr_ray.bench.verify_scorers")
 
@@ -127,7 +128,7 @@ def verify_scorers(cfg: VerifyScorersConfig) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
     run = subprocess.run([str(python), str(REFERENCE / "peer_scores.py"), "--out", str(out / "reference"),
                           "--images", str(out / "images"), "--prompts", str(out / "prompts.json"),
-                          "--sr-configs", str(ROOT / "sr_ray" / "model_configs"), "--bert-vocab", bert_vocab()],
+                          "--sr-configs", str(MODEL_CONFIG_DIR), "--bert-vocab", bert_vocab()],
                          capture_output=True, text=True, env=env)
     if run.returncode:
         raise RuntimeError(f"the reference run failed ({python}):\n{run.stderr[-3000:]}")

@@ -1,7 +1,7 @@
 """The two errors a job ends with instead of a traceback (``run_job`` turns them into a message and a status).
 
 Both carry a message that names what is wrong (the config key, or the file / row / column) and never a
-credential: URIs in messages go through :func:`sr_ray.storage.redact`.
+credential: URIs in messages go through :func:`sr_ray.core.storage.redact`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import pyarrow.fs as pafs
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.core.errors import ConfigError
 
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.core.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -29,15 +29,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sr_ray import storage
-from sr_ray.cli import setup_logging
-from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
-from sr_ray.data import DataError
+from sr_ray.core import storage
+from sr_ray.core.logs import setup_logging
+from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.reward.data import DataError
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
 from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
 from sr_ray.core import identity
-from sr_ray.ray_utils import check_resources, init_ray, worker_prints_to_stderr
-from sr_ray.train import Reducer
+from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
+from sr_ray.reward.train import Reducer
 
 log = logging.getLogger("sr_ray.finetune")
 
@@ -526,7 +526,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sr_ray.train import absolute_storage, run_dir, worker_bundle
+    from sr_ray.reward.train import absolute_storage, run_dir, worker_bundle
 
     check_model(cfg.model)
     storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
@@ -538,7 +538,7 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
         log.warning("[finetune] ZeRO-%d over one worker shards nothing", cfg.deepspeed.zero_stage)
     uri = cfg.data.train
     if uri is None:
-        from sr_ray.select import SelectConfig
+        from sr_ray.generations.select import SelectConfig
 
         selected = Path(SelectConfig().out)  # the selection demo's output, when it has run here
         uri = str(selected.resolve()) if any(selected.glob("part-*.parquet")) else \

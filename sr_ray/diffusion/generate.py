@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sr_ray import images, storage
-from sr_ray.config import ConfigError, to_dict
+from sr_ray.core import images, storage
+from sr_ray.core.config import ConfigError, to_dict
+from sr_ray.demo.prompts import demo_prompt_sets
 
 log = logging.getLogger("sr_ray.generate")
 
@@ -146,40 +147,6 @@ class GenerateConfig:
 
 
 # ---------------------------------------------------------------- prompts
-
-DEMO_SETS = {
-    # like the demo community's prompts ("internal") and a different phrasing ("general")
-    "internal": lambda rng: _demo_internal(rng),
-    "general": lambda rng: _demo_general(rng),
-}
-
-
-def _demo_internal(rng: np.random.Generator) -> str:
-    from sr_ray.demo import _prompt
-
-    return _prompt(rng)[0]
-
-
-def _demo_general(rng: np.random.Generator) -> str:
-    from sr_ray import images
-    from sr_ray.demo import SUBJECTS
-
-    return (f"a photo of a {rng.choice(list(images.COLOURS))} {rng.choice(SUBJECTS)} "
-            f"on a {rng.choice(['white', 'grey', 'black'])} background")
-
-
-def demo_prompt_sets(n: int = 12, seed: int = 0) -> dict[str, list[str]]:
-    """Two small demo prompt sets (distinct prompts, fixed order)."""
-    out = {}
-    for k, (name, draw) in enumerate(DEMO_SETS.items()):
-        rng, seen = np.random.default_rng(seed + k), []
-        while len(seen) < n:
-            p = draw(rng)
-            if p not in seen:
-                seen.append(p)
-        out[name] = seen
-    return out
-
 
 def read_prompt_file(uri: str, endpoint: str | None = None) -> list[str]:
     """The prompts of one file (see the module doc); ConfigError naming the file when it has none or no column."""
@@ -306,7 +273,7 @@ class ImageGenerator:
                  batch_size: int = 8, device: str | None = None):
         import torch
 
-        from sr_ray.ray_utils import worker_prints_to_stderr
+        from sr_ray.core.ray_utils import worker_prints_to_stderr
 
         worker_prints_to_stderr()
         if torch_threads:
@@ -433,7 +400,7 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
     import pyarrow.compute as pc
     import ray.data
 
-    from sr_ray.ray_utils import init_ray
+    from sr_ray.core.ray_utils import init_ray
 
     t0 = time.perf_counter()
     if sets is None:

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sr_ray import images, storage
-from sr_ray.config import ConfigError, from_dict, to_dict
+from sr_ray.core import images, storage
+from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
@@ -111,7 +111,7 @@ class DecodePairs:
         self.image_root, self.endpoint, self.limits = image_root, endpoint, from_dict(InputLimits, limits)
 
     def _one(self, data, path) -> np.ndarray:
-        from sr_ray.data import read_image_bytes
+        from sr_ray.reward.data import read_image_bytes
 
         if data is None and path is not None:
             data = read_image_bytes(str(path), self.image_root, self.endpoint, self.limits)
@@ -160,7 +160,7 @@ class PairScorer:
     ``<name>__pos``, ``<name>__neg`` (NaN for unreadable pairs); every other column passes through."""
 
     def __init__(self, name: str, settings: dict, batch_size: int):
-        from sr_ray.ray_utils import worker_prints_to_stderr
+        from sr_ray.core.ray_utils import worker_prints_to_stderr
 
         worker_prints_to_stderr()
         self.name = name
@@ -194,7 +194,7 @@ class TestSet:
 
 def resolve_sets(cfg: CompareConfig) -> list[TestSet]:
     """Each test set checked (and a peer's format imported under ``<out>/sets/``) before Ray works."""
-    from sr_ray.data import DataConfig, split_info
+    from sr_ray.reward.data import DataConfig, split_info
 
     sets = []
     try:
@@ -421,7 +421,7 @@ def demo_inputs(cfg: CompareConfig) -> CompareConfig:
     """The embedded default: the reward demo run's test split and checkpoint (trained first when absent)."""
     from dataclasses import replace
 
-    from sr_ray.batch_score import demo_run
+    from sr_ray.generations.score import demo_run
 
     if cfg.test and ("social_reward" not in cfg.scorers or cfg.social_reward.checkpoint):
         return cfg
@@ -461,12 +461,12 @@ def _write_outputs(cfg: CompareConfig, df: pd.DataFrame, acc: pd.DataFrame, diff
 
 def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
     """Score every test set with every scorer (reusing finished results), tabulate; returns the JSON summary."""
-    from sr_ray.ray_utils import check_resources, init_ray
+    from sr_ray.core.ray_utils import check_resources, init_ray
 
     t0 = time.perf_counter()
     cfg = demo_inputs(cfg)
     if "social_reward" in cfg.scorers:
-        from sr_ray.score import read_checkpoint
+        from sr_ray.reward.score import read_checkpoint
 
         read_checkpoint(cfg.social_reward.checkpoint, mmap=True)  # not a checkpoint: named now, not in an actor
     storage.check_output_dir(cfg.out, "out", cfg.s3_endpoint)

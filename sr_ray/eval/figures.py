@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sr_ray import images, storage
+from sr_ray.core import images, storage
 from sr_ray.core.errors import ConfigError, DataError
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 

@@ -31,7 +31,7 @@ from pathlib import PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.core.errors import DataError
 
 log = logging.getLogger("sr_ray.eval.preference_sets")

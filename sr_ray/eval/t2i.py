@@ -37,11 +37,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sr_ray import images, storage
+from sr_ray.core import images, storage
 from sr_ray.core.errors import DataError
-from sr_ray.config import ConfigError, from_dict, to_dict
-from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig,
-                                       demo_prompt_sets, generate, load_prompt_sets)
+from sr_ray.core.config import ConfigError, from_dict, to_dict
+from sr_ray.demo.prompts import demo_prompt_sets
+from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig, generate,
+                                       load_prompt_sets)
 from sr_ray.core import stats
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
@@ -115,7 +116,7 @@ class ImageMetricScorer:
     Every metric's scorer is built once per actor."""
 
     def __init__(self, names: list[str], settings: dict, batch_size: int, device: str | None = None):
-        from sr_ray.ray_utils import worker_prints_to_stderr
+        from sr_ray.core.ray_utils import worker_prints_to_stderr
 
         worker_prints_to_stderr()
         cfg = from_dict(ScorerSettings, settings)
@@ -377,14 +378,14 @@ def _ensure_finetuned(cfg: EvaluateT2IConfig) -> None:
 
 def _with_checkpoint(cfg: EvaluateT2IConfig) -> EvaluateT2IConfig:
     """Social Reward's checkpoint checked now (named, before any model loads); none given: the reward demo's."""
-    from sr_ray.score import read_checkpoint
+    from sr_ray.reward.score import read_checkpoint
 
     if "social_reward" not in cfg.metrics:
         return cfg
     if cfg.social_reward.checkpoint:
         read_checkpoint(cfg.social_reward.checkpoint, mmap=True)
         return cfg
-    from sr_ray.batch_score import demo_checkpoint
+    from sr_ray.generations.score import demo_checkpoint
 
     return replace(cfg, social_reward=replace(cfg.social_reward, checkpoint=demo_checkpoint()))
 
@@ -394,7 +395,7 @@ def internal_prompts(finetuned: str | None, endpoint: str | None) -> str | None:
     its ``config.yaml`` names, written by select_pairs), when there are any: the paper's internal prompts."""
     import yaml
 
-    from sr_ray.select import INTERNAL
+    from sr_ray.generations.select import INTERNAL
 
     if not finetuned:
         return None
@@ -449,7 +450,7 @@ def _generate(cfg: EvaluateT2IConfig) -> tuple[str, dict | None]:
 
 def _score(cfg: EvaluateT2IConfig, gen_uri: str) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """(scores, undecodable rows, seconds): every image by every metric; too many bad images fail the job."""
-    from sr_ray.ray_utils import init_ray
+    from sr_ray.core.ray_utils import init_ray
 
     init_ray(cfg.ray_address)
     t = time.perf_counter()

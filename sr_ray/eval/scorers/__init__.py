@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.core import identity
 
 from sr_ray.eval.scorers.aesthetic import AestheticConfig
@@ -108,7 +108,7 @@ def make_scorer(name: str, settings: ScorerSettings, device: str | None = None, 
 
 def scorer_kwargs(settings: ScorerSettings) -> dict[str, Any]:
     """The settings as a plain dict (what crosses into Ray actors)."""
-    from sr_ray.config import to_dict
+    from sr_ray.core.config import to_dict
 
     return to_dict(settings)
 

@@ -41,7 +41,7 @@ class AestheticConfig:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"laion_aesthetic.head={self.head!r}: one of {HEADS}")
-        from sr_ray.model import activation_problem
+        from sr_ray.reward.model import activation_problem
 
         problem = activation_problem(self.clip_model, self.clip_pretrained)
         if problem:
@@ -69,7 +69,7 @@ class LaionAesthetic:
     name = "laion_aesthetic"
 
     def __init__(self, cfg: AestheticConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):
-        from sr_ray.model import ModelConfig, build_clip, image_transform, preprocess_cfg
+        from sr_ray.reward.model import ModelConfig, build_clip, image_transform, preprocess_cfg
 
         self.device, self.bf16, self.batch_size = device_of(device), bf16, batch_size
         mcfg = ModelConfig(name=cfg.clip_model,

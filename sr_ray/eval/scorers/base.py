@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.core.errors import ConfigError
 
 log = logging.getLogger("sr_ray.eval.scorers")

@@ -23,7 +23,7 @@ class ClipConfig:
     none: random weights (demo only)."""
 
     def __post_init__(self) -> None:
-        from sr_ray.model import activation_problem
+        from sr_ray.reward.model import activation_problem
 
         problem = activation_problem(self.model, self.pretrained)
         if problem:  # OpenAI weights need the -quickgelu architecture
@@ -42,8 +42,8 @@ class ClipAlignment:
     name = "clip"
 
     def __init__(self, cfg: ClipConfig, device: str | None = None, batch_size: int = 32):
-        from sr_ray.model import ModelConfig, RewardModel, build_clip
-        from sr_ray.score import RewardScorer
+        from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
+        from sr_ray.reward.score import RewardScorer
 
         mcfg = ModelConfig(name=cfg.model, pretrained=open_clip_pretrained(cfg.pretrained, "clip.pretrained"))
         if mcfg.pretrained is None:

@@ -20,7 +20,7 @@ class SocialReward:
     name = "social_reward"
 
     def __init__(self, checkpoint: str, device: str | None = None, batch_size: int = 32):
-        from sr_ray.score import RewardScorer
+        from sr_ray.reward.score import RewardScorer
 
         self.scorer = RewardScorer(checkpoint, device=str(device_of(device)), batch_size=batch_size)
 

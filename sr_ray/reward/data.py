@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from sr_ray import images, storage
+from sr_ray.core import images, storage
 from sr_ray.core import parquet
 from sr_ray.core.errors import DataError  # re-exported: stages and tests import it from here
-from sr_ray.config import from_dict, to_dict
+from sr_ray.core.config import from_dict, to_dict
 from sr_ray.core.limits import DEFAULT_LIMITS, InputLimits, clean_prompt, prompt_problem
-from sr_ray.demo import DemoConfig
+from sr_ray.demo.data import DemoConfig
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _prep_state(model_json: str) -> tuple[Any, Any, tuple[int, int, int]]:
     fractional ones), and a process that also runs a model (a scorer actor into which Ray Data
     fused this stage, a driver scoring in-process) keeps its own setting.
     """
-    from sr_ray import model as model_lib
+    from sr_ray.reward import model as model_lib
 
     mcfg = model_lib.ModelConfig(**json.loads(model_json))
     pcfg = model_lib.preprocess_cfg(mcfg)
@@ -323,7 +323,7 @@ def resolve_splits(cfg: DataConfig) -> DataConfig:
         return cfg
     from dataclasses import replace
 
-    from sr_ray.demo import ensure_demo_data
+    from sr_ray.demo.data import ensure_demo_data
 
     demo = ensure_demo_data(cfg.demo)
     return replace(cfg, train=demo["train"], val=cfg.val or demo["val"], test=cfg.test or demo["test"])

@@ -15,10 +15,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from sr_ray import images, storage
+from sr_ray.core import images, storage
 from sr_ray.core import identity, stats
 from sr_ray.core.errors import DataError
-from sr_ray.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
 MODEL_FILE = "model.pt"
 
@@ -138,7 +138,7 @@ def evaluate_split(checkpoint: str, info, model_cfg: dict, data_cfg, batch_size:
     """
     import ray.data
 
-    from sr_ray.data import triplet_dataset
+    from sr_ray.reward.data import triplet_dataset
 
     if actors is None:
         actors = 0 if info.rows <= 20_000 else 2

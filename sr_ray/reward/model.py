@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Curation throughput: sr-ray's Ray Data job against a single-process pandas
-implementation of the same rules (:mod:`sr_ray.curate_reference`), on the same
+implementation of the same rules (:mod:`sr_ray.bench.curate_reference`), on the same
 simulated log, in one run; rows/s at several log sizes and the peak memory of both.
 
 Both select triplets and write them in the authors' form (``pack=false``: image
@@ -53,8 +53,8 @@ def _child(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sr_ray.curate import CurateConfig
-        from sr_ray.curate_reference import curate_pandas
+        from sr_ray.curation.curate import CurateConfig
+        from sr_ray.bench.curate_reference import curate_pandas
 
         df = pd.read_parquet(log)
         pairs, counts = curate_pandas(df, CurateConfig(pack=False))
@@ -67,7 +67,7 @@ def _child(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
     else:
         import ray
 
-        from sr_ray.curate import CurateConfig, curate
+        from sr_ray.curation.curate import CurateConfig, curate
 
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         s = curate(CurateConfig(log=log, out=out, pack=False, rows_per_shard=100_000, overwrite=True))
@@ -76,7 +76,7 @@ def _child(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
 
 
 def _run_side(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
-    code = ("import json, sys; from sr_ray.benchmark_curate import _child; "
+    code = ("import json, sys; from sr_ray.bench.curate import _child; "
             f"print('RESULT', json.dumps(_child({kind!r}, {log!r}, {out!r}, {num_cpus!r})))")
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     env.pop("RAY_ADDRESS", None)
@@ -98,7 +98,7 @@ def _run_side(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
 def bench_curate(cfg: BenchCurateConfig) -> dict:
     import shutil
 
-    from sr_ray.community import CommunityConfig, simulate
+    from sr_ray.demo.community import CommunityConfig, simulate
 
     rows = []
     for n in cfg.sizes:

@@ -4,7 +4,7 @@ Reference ("authors"): the same model and loss, their freezing (``model.requires
 = False`` sets an attribute, so every parameter still computes a gradient; the
 optimiser updates only the intended blocks), fed by a plain PyTorch DataLoader
 that decodes and preprocesses in its worker processes.
-Ours: :func:`sr_ray.model.freeze` (no gradient for frozen parameters), fed by the
+Ours: :func:`sr_ray.reward.model.freeze` (no gradient for frozen parameters), fed by the
 Ray Data pipeline of the training job (``iter_torch_batches``), with the very
 ``train_step`` the Ray Train loop runs. Both on the same Parquet triplets.
 """
@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from sr_ray.config import to_dict
-from sr_ray.data import DataConfig, TripletPreprocessor, split_info, triplet_dataset
-from sr_ray.demo import DemoConfig, ensure_demo_data
-from sr_ray.losses import LossConfig
-from sr_ray.model import ModelConfig, RewardModel, build_clip, count_params
-from sr_ray.train import train_step
+from sr_ray.core.config import to_dict
+from sr_ray.reward.data import DataConfig, TripletPreprocessor, split_info, triplet_dataset
+from sr_ray.demo.data import DemoConfig, ensure_demo_data
+from sr_ray.reward.losses import LossConfig
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, count_params
+from sr_ray.reward.train import train_step
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from sr_ray import images, storage
-from sr_ray.config import to_dict
+from sr_ray.core import images, storage
+from sr_ray.core.config import to_dict
 
 
 # Table 1 / appendix A.3 of the paper: 1.7M images, 3M pairs, 104K prompts, positives 8% of the dataset's images

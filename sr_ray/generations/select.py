@@ -45,8 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sr_ray import images, storage
-from sr_ray.config import ConfigError, to_dict
+from sr_ray.core import images, storage
+from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 
@@ -199,7 +199,7 @@ def pick_per_prompt(score_files: list[str], fs, rows: int):
 # --- pass 2: attach image bytes ----------------------------------------------------------------------------------
 
 def _fetch(uri: str | None, image_root: str | None, endpoint: str | None) -> tuple[bytes | None, str]:
-    from sr_ray.data import read_image_bytes
+    from sr_ray.reward.data import read_image_bytes
 
     try:
         return read_image_bytes(uri, image_root, endpoint), ""
@@ -363,7 +363,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _demo_scores(cfg: SelectConfig) -> str:
     """The scoring demo's output; the scoring job runs first (demo settings) when it has not."""
-    from sr_ray.batch_score import ScoreConfig, score_generations
+    from sr_ray.generations.score import ScoreConfig, score_generations
 
     sc = ScoreConfig(min_actors=1, max_actors=1, cpus_per_actor=0.5, decode_num_cpus=0.5,
                      ray_address=cfg.ray_address)
@@ -409,7 +409,7 @@ def _inputs(cfg: SelectConfig) -> _Inputs:
     reg_uri, reg_files = None, []
     if cfg.regularization_ratio > 0:
         if cfg.regularization is None:
-            from sr_ray.demo import ensure_demo_regularization
+            from sr_ray.demo.data import ensure_demo_regularization
 
             reg_uri = ensure_demo_regularization(cfg.demo)
         else:
@@ -567,7 +567,7 @@ def _report(cfg: SelectConfig, inp: _Inputs, pick: dict, all_stats: list[dict], 
 
 def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     """Best/worst per prompt + regularization -> shuffled fine-tune shards and a report; returns the summary."""
-    from sr_ray.ray_utils import init_ray
+    from sr_ray.core.ray_utils import init_ray
 
     t0 = time.perf_counter()
     if cfg.regularization is None and cfg.scores is not None and cfg.regularization_ratio > 0:

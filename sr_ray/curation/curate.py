@@ -51,14 +51,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sr_ray import images, storage
-from sr_ray.community import CommunityConfig
-from sr_ray.config import to_dict
+from sr_ray.core import images, storage
+from sr_ray.demo.community import CommunityConfig
+from sr_ray.core.config import to_dict
 from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
-from sr_ray.datacard import table1_ratios
-from sr_ray.ray_utils import init_ray
+from sr_ray.curation.datacard import table1_ratios
+from sr_ray.core.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def _progress(stage: str, t0: float, **kv) -> None:
 
 def demo_paths(cfg: CurateConfig) -> tuple[str, str]:
     """(log URI, out URI) of the simulated community and its curated triplets, cached by parameters."""
-    from sr_ray.community import config_hash
+    from sr_ray.demo.community import config_hash
 
     root = str(Path(cfg.demo_cache_dir).expanduser().resolve())
     c = to_dict(cfg.community)
@@ -482,7 +482,7 @@ def _score_nsfw(cfg: CurateConfig, files: list[parquet.ParquetFile], out: str) -
     """Run the plugged-in NSFW classifier over the log's images; returns the files of the scored log."""
     import ray.data
 
-    from sr_ray.nsfw import NSFWScorer
+    from sr_ray.curation.nsfw import NSFWScorer
 
     scored = storage.join(out, "_scored_log")
     if not storage.exists(storage.join(scored, "_SUCCESS"), cfg.s3_endpoint):
@@ -662,8 +662,8 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
 def _curate(cfg: CurateConfig) -> dict[str, Any]:
     import ray
 
-    from sr_ray.community import simulate
-    from sr_ray.datacard import write_datacard
+    from sr_ray.demo.community import simulate
+    from sr_ray.curation.datacard import write_datacard
 
     wall0 = time.perf_counter()
     log_uri, out, files, has_nsfw = _inputs(cfg)

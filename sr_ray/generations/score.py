@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from sr_ray import images, storage
-from sr_ray.config import ConfigError, to_dict
+from sr_ray.core import images, storage
+from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
-from sr_ray.data import preprocessing, read_image_bytes
+from sr_ray.reward.data import preprocessing, read_image_bytes
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,9 @@ class GenerationScorer:
                  text_cache_size: int = 100_000, torch_threads: int = 0):
         import torch
 
-        from sr_ray.model import tokenizer
-        from sr_ray.ray_utils import in_ray_worker, worker_prints_to_stderr
-        from sr_ray.score import load_model
+        from sr_ray.reward.model import tokenizer
+        from sr_ray.core.ray_utils import in_ray_worker, worker_prints_to_stderr
+        from sr_ray.reward.score import load_model
 
         if in_ray_worker():
             worker_prints_to_stderr()
@@ -268,7 +268,7 @@ class GenerationScorer:
         """Embeddings of ``prompts`` (one row each), encoding only the ones not cached; returns (emb, newly encoded)."""
         import torch
 
-        from sr_ray.score import inference_autocast
+        from sr_ray.reward.score import inference_autocast
 
         new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if new:
@@ -286,8 +286,8 @@ class GenerationScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from sr_ray.model import RewardModel
-        from sr_ray.score import inference_autocast
+        from sr_ray.reward.model import RewardModel
+        from sr_ray.reward.score import inference_autocast
 
         n = len(batch[ID])
         ok = np.array([not r for r in batch["reason"]], dtype=bool)
@@ -314,8 +314,8 @@ class AnyScorer:
     def __init__(self, name: str, settings: dict, batch_size: int, torch_threads: int = 0):
         import torch
 
-        from sr_ray.config import from_dict
-        from sr_ray.ray_utils import in_ray_worker, worker_prints_to_stderr
+        from sr_ray.core.config import from_dict
+        from sr_ray.core.ray_utils import in_ray_worker, worker_prints_to_stderr
 
         if in_ray_worker():
             worker_prints_to_stderr()
@@ -339,7 +339,7 @@ class AnyScorer:
 
 def checkpoint_model_config(checkpoint: str) -> dict:
     """The model config stored in a reward checkpoint (memory-mapped: the weights are not read)."""
-    from sr_ray.score import read_checkpoint
+    from sr_ray.reward.score import read_checkpoint
 
     return dict(read_checkpoint(checkpoint, mmap=True)["model_config"])
 
@@ -347,7 +347,7 @@ def checkpoint_model_config(checkpoint: str) -> dict:
 def scoring_identity(cfg: ScoreConfig, checkpoint: str | None) -> dict[str, Any]:
     """What decides a score: the checkpoint's weights (content hash) and the backend, or another scorer's name
     and settings; the limits, the image root."""
-    from sr_ray.score import model_file
+    from sr_ray.reward.score import model_file
 
     common = {"limits": to_dict(cfg.limits), "image_root": cfg.image_root}
     if cfg.scorer != "social_reward":
@@ -488,7 +488,7 @@ class _Progress:
 
 def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkpoint: str | None) -> _Progress:
     """Score the files in ``todo`` on Ray; empty files are committed without it."""
-    from sr_ray.ray_utils import check_resources, init_ray
+    from sr_ray.core.ray_utils import check_resources, init_ray
 
     prog = _Progress(cfg, todo)
     for f in [f for f in todo if f.rows == 0]:
@@ -519,7 +519,7 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every generation once (resuming a killed run); returns the JSON summary."""
     t0 = time.perf_counter()
     if cfg.generations is None:
-        from sr_ray.demo import ensure_demo_generations
+        from sr_ray.demo.data import ensure_demo_generations
 
         gen_uri = ensure_demo_generations(cfg.demo)
     else:
@@ -563,7 +563,7 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
 
 def demo_reward_config():
     """The quick reward-training run behind :func:`demo_checkpoint` (synthetic triplets, tiny CLIP)."""
-    from sr_ray.train import TrainRewardConfig
+    from sr_ray.reward.train import TrainRewardConfig
 
     cfg = TrainRewardConfig()
     cfg.data.demo.source = "synthetic"
@@ -581,7 +581,7 @@ def demo_run() -> dict:
     (synthetic triplets) when there is none."""
     import os
 
-    from sr_ray.train import train_reward
+    from sr_ray.reward.train import train_reward
 
     cfg = demo_reward_config()
     for name in ("sr-reward-demo", cfg.run.name):  # the training job's demo run, else our own quick one

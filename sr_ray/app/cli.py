@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from sr_ray.config import ConfigError, load_config
+from sr_ray.core.config import ConfigError, load_config
+from sr_ray.core.logs import setup_logging
 
 T = TypeVar("T")
 
@@ -26,12 +26,6 @@ def parse_job_args(cls: type[T], argv: Sequence[str] | None, default_config: Pat
         return load_config(cls, args.config, args.overrides)
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")
-
-
-def setup_logging() -> None:
-    """sr_ray's progress at INFO on stderr; other libraries (open_clip logs to root) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("sr_ray").setLevel(logging.INFO)
 
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:
@@ -63,7 +57,7 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
 
     ``table``: a benchmark's ``format_table(result)``, printed before the summary.
 
-    A :class:`~sr_ray.data.DataError` (bad input) ends the job with its message and status 1;
+    A :class:`~sr_ray.reward.data.DataError` (bad input) ends the job with its message and status 1;
     a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
     """
     from sr_ray.core.parquet import data_error_of

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from sr_ray.curate import CurateConfig, normalize_prompt, pair_rank, split_of
-from sr_ray.datacard import table1_ratios
+from sr_ray.curation.curate import CurateConfig, normalize_prompt, pair_rank, split_of
+from sr_ray.curation.datacard import table1_ratios
 
 
 def curate_pandas(log: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.DataFrame, dict]:

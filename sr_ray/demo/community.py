@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from sr_ray import images, storage
+from sr_ray.core import images, storage
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def simulate(cfg: CommunityConfig, out: str, s3_endpoint: str | None = None) -> 
     Chunks run as Ray tasks when Ray is initialised (images are the slow part),
     else in this process. Finished chunks are not redone on a re-run.
     """
-    from sr_ray.config import to_dict
+    from sr_ray.core.config import to_dict
 
     n_chunks = math.ceil(cfg.images / cfg.chunk_images)
     jobs = []

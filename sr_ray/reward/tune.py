@@ -2,7 +2,7 @@
 any training key), Ray Train inside each trial, ASHA early stopping, resumable,
 to a ranked table, a plot and the best checkpoint.
 
-Each trial runs :func:`sr_ray.train.train_reward` (the reward-training job itself)
+Each trial runs :func:`sr_ray.reward.train.train_reward` (the reward-training job itself)
 with its own overrides; ``TuneReportCallback`` forwards every validation report
 (``val_pairwise_accuracy``, with the checkpoint's path) from Ray Train to Tune, the
 way Ray's docs combine them since Train V2. Trial runs (checkpoints, TensorBoard,
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sr_ray import images, storage
-from sr_ray.config import ConfigError, from_dict, set_dotted, to_dict
-from sr_ray.train import TrainRewardConfig, absolute_storage, steps_per_epoch
+from sr_ray.core import images, storage
+from sr_ray.core.config import ConfigError, from_dict, set_dotted, to_dict
+from sr_ray.reward.train import TrainRewardConfig, absolute_storage, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _trial(config: dict, base: dict, trials_dir: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sr_ray.cli import setup_logging
+    from sr_ray.core.logs import setup_logging
 
     setup_logging()
     cfg = trial_config(base, config)
@@ -156,7 +156,7 @@ def _trial(config: dict, base: dict, trials_dir: str) -> None:
     log.info("[tune] trial %s %s; free in the cluster: %s", trial_id, json.dumps(config),
              {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")})
     cfg = replace(cfg, run=replace(cfg.run, name=trial_id, storage_path=trials_dir, ray_address=None))
-    from sr_ray.train import train_reward
+    from sr_ray.reward.train import train_reward
 
     train_reward(cfg, callbacks=[TuneReportCallback()], score_test=False)
 
@@ -252,9 +252,9 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from sr_ray.data import preflight, resolve_splits
-    from sr_ray.ray_utils import init_ray
-    from sr_ray.train import check_config
+    from sr_ray.reward.data import preflight, resolve_splits
+    from sr_ray.core.ray_utils import init_ray
+    from sr_ray.reward.train import check_config
 
     check_search(cfg)
     check_config(cfg.train)
@@ -354,7 +354,7 @@ def _trial_rows(grid, keys: list[str], train: TrainRewardConfig, sdir: str, info
 
 def _score_test(rows: list[dict], keys: list[str], base: dict, test_info, train: TrainRewardConfig) -> None:
     """Each row's kept checkpoint scored on the test split: accuracy and its interval over prompts, in place."""
-    from sr_ray.score import evaluate_split
+    from sr_ray.reward.score import evaluate_split
 
     for r in rows:
         if r["checkpoint"]:

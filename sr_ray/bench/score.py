@@ -3,7 +3,7 @@
 Reference ("authors"): one process, one model, one PyTorch DataLoader whose
 workers decode and preprocess each image; every batch encodes the prompt of
 every image (a prompt with four images is encoded four times), then the images,
-then the cosine. Ours: :func:`sr_ray.batch_score.score_generations` on the same
+then the cosine. Ours: :func:`sr_ray.generations.score.score_generations` on the same
 checkpoint and the same Parquet files (Ray Data decode tasks, a pool of scorer
 actors, each distinct prompt encoded once per actor), once per actor count and
 backend asked for. Both include their model load; ours excludes the Ray start
@@ -28,9 +28,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from sr_ray import storage
-from sr_ray.config import to_dict
-from sr_ray.model import ModelConfig
+from sr_ray.core import storage
+from sr_ray.core.config import to_dict
+from sr_ray.reward.model import ModelConfig
 
 
 @dataclass
@@ -70,8 +70,8 @@ class BenchScoreConfig:
 def _checkpoint(cfg: BenchScoreConfig) -> str:
     if cfg.checkpoint:
         return cfg.checkpoint
-    from sr_ray.model import RewardModel, build_clip
-    from sr_ray.score import MODEL_FILE, save_model
+    from sr_ray.reward.model import RewardModel, build_clip
+    from sr_ray.reward.score import MODEL_FILE, save_model
 
     key = hashlib.sha1(json.dumps(to_dict(cfg.model), sort_keys=True).encode()).hexdigest()[:10]
     path = Path(os.path.expanduser(cfg.cache_dir)) / f"score-model-{key}"
@@ -86,7 +86,7 @@ class _AuthorsDataset(torch.utils.data.Dataset):
     """(prompt, pixels) per generation, decoded and preprocessed per item."""
 
     def __init__(self, files: list[str], model_cfg: ModelConfig):
-        from sr_ray.model import image_transform, preprocess_cfg
+        from sr_ray.reward.model import image_transform, preprocess_cfg
 
         t = pq.read_table(files, columns=["generation_id", "prompt", "image"])
         self.ids, self.prompts, self.images = (t.column(c).to_pylist() for c in ("generation_id", "prompt", "image"))
@@ -96,15 +96,15 @@ class _AuthorsDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        from sr_ray import images
+        from sr_ray.core import images
 
         return self.ids[i], self.prompts[i], self.transform(images.decode(self.images[i]))
 
 
 def authors_loop(checkpoint: str, files: list[str], cfg: BenchScoreConfig, device: torch.device) -> dict:
     """The reference: load, then one DataLoader; text encoded per image. Returns images/s and the scores."""
-    from sr_ray.model import RewardModel, tokenizer
-    from sr_ray.score import inference_autocast, load_model
+    from sr_ray.reward.model import RewardModel, tokenizer
+    from sr_ray.reward.score import inference_autocast, load_model
 
     t0 = time.perf_counter()
     model, mcfg = load_model(checkpoint, device)
@@ -134,9 +134,9 @@ def authors_loop(checkpoint: str, files: list[str], cfg: BenchScoreConfig, devic
 def bench_score(cfg: BenchScoreConfig) -> dict:
     import ray
 
-    from sr_ray.batch_score import ScoreConfig, checkpoint_model_config, score_generations
-    from sr_ray.demo import ensure_demo_generations
-    from sr_ray.ray_utils import init_ray
+    from sr_ray.generations.score import ScoreConfig, checkpoint_model_config, score_generations
+    from sr_ray.demo.data import ensure_demo_generations
+    from sr_ray.core.ray_utils import init_ray
 
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     checkpoint = _checkpoint(cfg)

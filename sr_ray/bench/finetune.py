@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from sr_ray import storage
+from sr_ray.core import storage
 from sr_ray.diffusion.components import SDModelConfig
 
 VARIANTS = {
@@ -49,10 +49,10 @@ class BenchFinetuneConfig:
 
 
 def bench_finetune(cfg: BenchFinetuneConfig) -> dict:
-    from sr_ray.config import from_dict, set_dotted, to_dict
+    from sr_ray.core.config import from_dict, set_dotted, to_dict
     from sr_ray.diffusion.data import ensure_demo_finetune_set
     from sr_ray.diffusion.finetune import FinetuneSDConfig, finetune_sd
-    from sr_ray.ray_utils import init_ray
+    from sr_ray.core.ray_utils import init_ray
 
     data = cfg.data or ensure_demo_finetune_set()
     init_ray(None)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sr_ray import images
+from sr_ray.core import images
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DemoConfig:
             raise ValueError("data.demo.source must be community or synthetic")
 
 
-def _prompt(rng: np.random.Generator) -> tuple[str, str]:
+def draw_prompt(rng: np.random.Generator) -> tuple[str, str]:
     colour = str(rng.choice(list(images.COLOURS)))
     text = f"a {colour} {rng.choice(SUBJECTS)}, {rng.choice(STYLES)}"
     return text, colour
@@ -64,7 +64,7 @@ def make_triplets(n: int, rng: np.random.Generator, image_size: int, id_prefix: 
     cols: dict[str, list] = {k: [] for k in ("prompt", "pos_id", "neg_id", "pos_image", "neg_image")}
     colours = list(images.COLOURS)
     for i in range(n):
-        prompt, colour = _prompt(rng)
+        prompt, colour = draw_prompt(rng)
         wrong = str(rng.choice([c for c in colours if c != colour]))
         pos = images.draw(colour, str(rng.choice(images.SHAPES)), rng, image_size)
         neg = images.draw(wrong, str(rng.choice(images.SHAPES)), rng, image_size)
@@ -130,8 +130,8 @@ def cached_dir(root: Path, write, params: dict, what: str) -> None:
 
 
 def _community_triplets(cfg: DemoConfig) -> dict[str, str]:
-    from sr_ray.community import CommunityConfig
-    from sr_ray.curate import CurateConfig, curate
+    from sr_ray.demo.community import CommunityConfig
+    from sr_ray.curation.curate import CurateConfig, curate
 
     summary = curate(CurateConfig(
         community=CommunityConfig(seed=cfg.seed, images=cfg.community_images, image_size=cfg.image_size),
@@ -159,7 +159,7 @@ def make_generations(prompts: int, images_per_prompt: int, image_size: int, seed
     colours = list(images.COLOURS)
     cols: dict[str, list] = {"generation_id": [], "prompt": [], "image": [], "user_id": []}
     for i in range(prompts):
-        prompt, colour = _prompt(rng)
+        prompt, colour = draw_prompt(rng)
         for j in range(images_per_prompt):
             c = colour if j == 0 or rng.random() < 0.25 else str(rng.choice([x for x in colours if x != colour]))
             img = images.draw(c, str(rng.choice(images.SHAPES)), rng, image_size)
@@ -220,7 +220,7 @@ def demo_params(defaults: dict, overrides: dict | None, what: str) -> tuple[dict
     p = {**defaults, **(overrides or {})}
     unknown = set(p) - set(defaults)
     if unknown:
-        from sr_ray.config import ConfigError
+        from sr_ray.core.config import ConfigError
 
         raise ConfigError(f"demo: unknown key(s) {sorted(unknown)} for the demo {what}; valid: {sorted(defaults)}")
     key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1},

@@ -23,17 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from sr_ray import storage
-from sr_ray.cli import setup_logging
-from sr_ray.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.core import storage
+from sr_ray.core.logs import setup_logging
+from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.core import identity
-from sr_ray.ray_utils import check_resources, init_ray, worker_prints_to_stderr
-from sr_ray.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
-from sr_ray.losses import LossConfig, compute_loss, global_batch_loss
-from sr_ray.model import ModelConfig, RewardModel, activation_problem, build_clip, count_params
-from sr_ray.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
+from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
+from sr_ray.reward.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
+from sr_ray.reward.losses import LossConfig, compute_loss, global_batch_loss
+from sr_ray.reward.model import ModelConfig, RewardModel, activation_problem, build_clip, count_params
+from sr_ray.reward.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
 
-log = logging.getLogger("sr_ray.train")
+log = logging.getLogger("sr_ray.reward.train")
 
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"

@@ -1,0 +1,1 @@
+"""The application layer: jobs' command line, and (to come) the job registry and the demo chain."""

@@ -1,0 +1,1 @@
+"""Curation: a platform log -> triplet shards, its data card, NSFW hooks."""

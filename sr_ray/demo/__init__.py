@@ -1,0 +1,1 @@
+"""Everything drawn in code for the demo: pictures' community, triplets, generations."""

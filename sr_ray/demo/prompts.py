@@ -1,0 +1,37 @@
+"""The demo's two small prompt sets for generation and T2I evaluation: "internal" (phrased like the demo
+community's prompts) and "general" (another phrasing)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sr_ray.core import images
+from sr_ray.demo.data import SUBJECTS, draw_prompt
+
+DEMO_SETS = {
+    # like the demo community's prompts ("internal") and a different phrasing ("general")
+    "internal": lambda rng: _demo_internal(rng),
+    "general": lambda rng: _demo_general(rng),
+}
+
+
+def _demo_internal(rng: np.random.Generator) -> str:
+    return draw_prompt(rng)[0]
+
+
+def _demo_general(rng: np.random.Generator) -> str:
+    return (f"a photo of a {rng.choice(list(images.COLOURS))} {rng.choice(SUBJECTS)} "
+            f"on a {rng.choice(['white', 'grey', 'black'])} background")
+
+
+def demo_prompt_sets(n: int = 12, seed: int = 0) -> dict[str, list[str]]:
+    """Two small demo prompt sets (distinct prompts, fixed order)."""
+    out = {}
+    for k, (name, draw) in enumerate(DEMO_SETS.items()):
+        rng, seen = np.random.default_rng(seed + k), []
+        while len(seen) < n:
+            p = draw(rng)
+            if p not in seen:
+                seen.append(p)
+        out[name] = seen
+    return out

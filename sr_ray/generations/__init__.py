@@ -1,0 +1,1 @@
+"""Users' generations: batch scoring by a reward model, best/worst selection."""

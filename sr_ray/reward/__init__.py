@@ -1,0 +1,1 @@
+"""The reward model: CLIP, losses, triplet data, training, sweeps, scoring."""
