@@ -4,8 +4,8 @@
     python jobs/benchmark_scorers.py full_size=true images=256 batch_size=64   # published shapes (a GPU)
 """
 
-from sr_ray.bench.scorers import BenchScorersConfig, bench_scorers, format_table
 from sr_ray.app.cli import run_job
+from sr_ray.bench.scorers import BenchScorersConfig, bench_scorers, format_table
 
 
 def main(argv=None) -> dict:

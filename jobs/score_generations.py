@@ -9,8 +9,8 @@ their reason under <out>/_rejects/; a re-run skips finished shards. The last std
 
 from pathlib import Path
 
-from sr_ray.generations.score import ScoreConfig, score_generations
 from sr_ray.app.cli import run_job
+from sr_ray.generations.score import ScoreConfig, score_generations
 
 DEFAULT = Path(__file__).parent / "configs" / "score_generations" / "demo.yaml"
 

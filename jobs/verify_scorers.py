@@ -10,8 +10,12 @@ more than ``tolerance``.
 
 import sys
 
-from sr_ray.bench.verify_scorers import VerifyScorersConfig, format_table, verify_scorers
 from sr_ray.app.cli import run_job
+from sr_ray.bench.verify_scorers import (
+    VerifyScorersConfig,
+    format_table,
+    verify_scorers,
+)
 
 
 def main(argv=None) -> dict:

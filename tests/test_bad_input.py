@@ -10,21 +10,26 @@ import os
 import subprocess
 import sys
 
+import corpus
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-import corpus
-from conftest import ROOT
-from sr_ray.core import images, storage
-from sr_ray.generations.score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, check_rows, inspect_inputs,
-                                score_generations)
+from sr_ray.core import images, parquet, storage
 from sr_ray.core.config import ConfigError, load_config, to_dict
-from sr_ray.core import parquet
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
+from sr_ray.generations.score import (
+    GenerationPreprocessor,
+    GenerationScorer,
+    ScoreConfig,
+    check_rows,
+    inspect_inputs,
+    score_generations,
+)
 from sr_ray.reward.data import DataConfig, DataError, TripletPreprocessor, preflight
 from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
 from sr_ray.reward.score import RewardScorer, read_checkpoint, save_model
@@ -293,8 +298,8 @@ def test_a_checkpoint_that_is_not_one_is_named(tmp_path):
 
 
 def test_config_values_are_checked_with_the_key_named(tmp_path):
-    from sr_ray.generations.score import ScoreConfig as SC
     from sr_ray.curation.curate import CurateConfig
+    from sr_ray.generations.score import ScoreConfig as SC
 
     with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
         load_config(TrainRewardConfig, None, ["optim.learning_rate=1"])

@@ -6,10 +6,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sr_ray.generations.score import (GenerationPreprocessor, GenerationScorer, ScoreConfig, inspect_inputs,
-                                score_generations)
-from sr_ray.reward.data import DataError
 from sr_ray.demo.data import make_generations
+from sr_ray.generations.score import (
+    GenerationPreprocessor,
+    GenerationScorer,
+    ScoreConfig,
+    inspect_inputs,
+    score_generations,
+)
+from sr_ray.reward.data import DataError
 from sr_ray.reward.score import RewardScorer
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster" / "aws.yaml"
@@ -87,8 +86,9 @@ def test_aws_cluster_yaml_is_valid_ray_config():
 
 def test_raw_yaml_matches_ray_schema():
     """The file itself (before defaults are merged in) obeys Ray's JSON schema."""
-    import ray.autoscaler
     import json
+
+    import ray.autoscaler
 
     schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
     schema = json.loads(schema_path.read_text())

@@ -13,11 +13,11 @@ CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads(path):
-    from sr_ray.generations.score import ScoreConfig
     from sr_ray.diffusion.finetune import FinetuneSDConfig
     from sr_ray.diffusion.generate import GenerateConfig
     from sr_ray.eval.compare import CompareConfig
     from sr_ray.eval.t2i import EvaluateT2IConfig
+    from sr_ray.generations.score import ScoreConfig
     from sr_ray.generations.select import SelectConfig
     from sr_ray.reward.tune import TuneRewardConfig, check_search
 

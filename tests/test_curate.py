@@ -12,12 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sr_ray.core import images
-from sr_ray.demo.community import CommunityConfig, simulate
-from sr_ray.curation.curate import (CurateConfig, check_log, curate, linear_quantile, normalize_prompt, pair_rank,
-                           split_of)
 from sr_ray.bench.curate_reference import curate_pandas
+from sr_ray.core import images
 from sr_ray.core.config import ConfigError
+from sr_ray.curation.curate import (
+    CurateConfig,
+    check_log,
+    curate,
+    linear_quantile,
+    normalize_prompt,
+    pair_rank,
+    split_of,
+)
+from sr_ray.demo.community import CommunityConfig, simulate
 from sr_ray.reward.data import DataError
 
 
@@ -127,7 +134,9 @@ def test_rules_on_a_hand_built_log(hand_curated):
     assert card["counts"] == json.loads(json.dumps(c))
     assert (Path(out) / "REPORT.md").read_text().startswith("# Curated triplets")
     assert (Path(out) / "distributions.png").read_bytes()[:4] == b"\x89PNG"
-    from PIL import Image  # paper Fig. 2: a row per kept prompt (at most 6), popular left, unpopular right
+    from PIL import (
+        Image,  # paper Fig. 2: a row per kept prompt (at most 6), popular left, unpopular right
+    )
     grid = Image.open(Path(out) / "triplets.png")
     first = sorted({t[3] for t in got}, key=["train", "val", "test"].index)[0]
     n = len({t[0] for t in got if t[3] == first})

@@ -10,12 +10,28 @@ import pytest
 import torch
 
 from sr_ray.core.config import ConfigError
-from sr_ray.diffusion.generate import (GenComputeConfig, GenerateConfig, ImageGenerator, SamplingConfig, check_models, generate,
-                                       image_seed, load_prompt_sets, read_prompt_file)
+from sr_ray.diffusion.generate import (
+    GenComputeConfig,
+    GenerateConfig,
+    ImageGenerator,
+    SamplingConfig,
+    check_models,
+    generate,
+    image_seed,
+    load_prompt_sets,
+    read_prompt_file,
+)
 from sr_ray.eval.scorers import BUILTIN, PAPER_METRICS
 from sr_ray.eval.scorers.social_reward import SocialRewardConfig
-from sr_ray.eval.t2i import (EvaluateT2IConfig, best_of_n, best_of_n_table, evaluate_t2i, table5,
-                             table5_markdown, win_rates)
+from sr_ray.eval.t2i import (
+    EvaluateT2IConfig,
+    best_of_n,
+    best_of_n_table,
+    evaluate_t2i,
+    table5,
+    table5_markdown,
+    win_rates,
+)
 
 
 def rows(model, pset, prompt, scores):
@@ -165,8 +181,8 @@ def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, 
     assert (by.loc["baseline"] == by.loc["finetuned"]).all()  # same noise for both models
     scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
     assert scores[["social_reward", "clip", "pickscore"]].notna().all().all()
-    from sr_ray.reward.score import RewardScorer
     from sr_ray.core import images
+    from sr_ray.reward.score import RewardScorer
     row = gen.iloc[5]
     want = RewardScorer(str(sd_dirs), device="cpu").score([row["prompt"]], [images.decode(row["image"])])[0]
     assert scores.set_index("generation_id").loc[row["generation_id"], "social_reward"] == pytest.approx(want, abs=1e-5)

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sr_ray.reward.data import DataError
 from sr_ray.demo.data import make_generations
 from sr_ray.diffusion.components import SDModelConfig, load_components
 from sr_ray.diffusion.data import FinetuneDataConfig, FinetunePreprocessor, preflight
 from sr_ray.diffusion.finetune import FinetuneOptimConfig, diffusion_loss, freeze
+from sr_ray.reward.data import DataError
 
 
 def test_freezing_counts_per_component():

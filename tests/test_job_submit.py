@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, small_overrides
 
 pytestmark = pytest.mark.slow

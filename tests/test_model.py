@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, count_params, freeze
+from sr_ray.reward.model import (
+    ModelConfig,
+    RewardModel,
+    build_clip,
+    count_params,
+    freeze,
+)
 
 
 def block(w: int) -> int:
@@ -131,8 +137,8 @@ def test_paper_yaml_trains_the_authors_optimizer_set_on_vit_l14():
     """paper.yaml's trainable parameters on ViT-L/14 are exactly those the authors' AdamW receives
     (src/train_pair_pos_neg.py, mode visual_upper_layers_textual_upper_layers), by name and count."""
     import open_clip
-
     from conftest import ROOT
+
     from sr_ray.core.config import load_config
     from sr_ray.reward.train import TrainRewardConfig
 

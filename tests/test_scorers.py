@@ -14,8 +14,17 @@ from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 from sr_ray.eval.scorers.aesthetic import AestheticConfig, LaionAesthetic
 from sr_ray.eval.scorers.base import fetch_weights
 from sr_ray.eval.scorers.hps import HPS, HPSConfig, longest_side_transform
-from sr_ray.eval.scorers.imagereward import ImageReward, ImageRewardConfig, blip_tokenizer
-from sr_ray.eval.scorers.pickscore import PickScore, PickScoreConfig, tiny_clip_config, tiny_processor_dir
+from sr_ray.eval.scorers.imagereward import (
+    ImageReward,
+    ImageRewardConfig,
+    blip_tokenizer,
+)
+from sr_ray.eval.scorers.pickscore import (
+    PickScore,
+    PickScoreConfig,
+    tiny_clip_config,
+    tiny_processor_dir,
+)
 
 PROMPTS = ["a red cat", "a blue house at night", "a red cat", "x"]
 
@@ -102,7 +111,7 @@ def test_pickscore_folders_load_and_score_is_logit_scale_times_cosine(tmp_path, 
 
 def test_imagereward_published_keys_load_and_batching_changes_nothing(tmp_path, pics):
     from sr_ray.bench.verify_scorers import bert_vocab
-    from sr_ray.eval.scorers.imagereward import ImageRewardModel, TINY_MED
+    from sr_ray.eval.scorers.imagereward import TINY_MED, ImageRewardModel
 
     tok = blip_tokenizer(str(__import__("pathlib").Path(bert_vocab()).parent))
     assert len(tok) == 30524 and tok.convert_tokens_to_ids("[ENC]") == 30523  # BLIP's init_tokenizer

@@ -9,9 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from sr_ray.core.config import ConfigError
-from sr_ray.reward.data import DataError
 from sr_ray.demo.data import make_generations, make_regularization
-from sr_ray.generations.select import SelectConfig, _best_worst, held_out, row_key, select_pairs, with_token
+from sr_ray.generations.select import (
+    SelectConfig,
+    _best_worst,
+    held_out,
+    row_key,
+    select_pairs,
+    with_token,
+)
+from sr_ray.reward.data import DataError
 
 
 def test_best_worst_per_prompt_ties_and_nan():

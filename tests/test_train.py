@@ -14,12 +14,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import FAKE_SECRET, ROOT, load_train_config, small_overrides
+
 from sr_ray.core import storage
 from sr_ray.core.config import ConfigError, load_config
-from sr_ray.reward.data import DataError
 from sr_ray.demo.data import DemoConfig, ensure_demo_data, make_triplets
+from sr_ray.reward.data import DataError
 from sr_ray.reward.train import TrainRewardConfig, train_reward
 
 pytestmark = pytest.mark.slow

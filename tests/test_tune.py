@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from sr_ray.core.config import ConfigError, load_config, to_dict
 from sr_ray.reward.tune import TuneRewardConfig, check_search, concurrency, tune_reward
 

@@ -166,8 +166,15 @@ def clip_vocab(folder):
 
 def pickscore(out, imgs, prompts):
     """PickScore's README inference code, with AutoProcessor / AutoModel from local folders."""
-    from transformers import (AutoModel, AutoProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTokenizer)
+    from transformers import (
+        AutoModel,
+        AutoProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     v, m = clip_vocab(os.path.join(out, "bpe"))
     ip = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,

@@ -53,8 +53,8 @@ def _child(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sr_ray.curation.curate import CurateConfig
         from sr_ray.bench.curate_reference import curate_pandas
+        from sr_ray.curation.curate import CurateConfig
 
         df = pd.read_parquet(log)
         pairs, counts = curate_pandas(df, CurateConfig(pack=False))

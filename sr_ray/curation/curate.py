@@ -51,14 +51,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sr_ray.core import images, storage
-from sr_ray.demo.community import CommunityConfig
+from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import to_dict
-from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
-from sr_ray.curation.datacard import table1_ratios
 from sr_ray.core.ray_utils import init_ray
+from sr_ray.curation.datacard import table1_ratios
+from sr_ray.demo.community import CommunityConfig
 
 log = logging.getLogger(__name__)
 
@@ -662,8 +661,8 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
 def _curate(cfg: CurateConfig) -> dict[str, Any]:
     import ray
 
-    from sr_ray.demo.community import simulate
     from sr_ray.curation.datacard import write_datacard
+    from sr_ray.demo.community import simulate
 
     wall0 = time.perf_counter()
     log_uri, out, files, has_nsfw = _inputs(cfg)

@@ -12,7 +12,6 @@ import numpy as np
 from sr_ray.core import images, storage
 from sr_ray.core.config import to_dict
 
-
 # Table 1 / appendix A.3 of the paper: 1.7M images, 3M pairs, 104K prompts, positives 8% of the dataset's images
 PAPER_TABLE1 = {"images_per_prompt": round(1.7e6 / 104e3, 1), "pairs_per_prompt": round(3e6 / 104e3, 1),
                 "positive_share": 0.08, "creator_share_of_positives": None}

@@ -130,8 +130,8 @@ def cached_dir(root: Path, write, params: dict, what: str) -> None:
 
 
 def _community_triplets(cfg: DemoConfig) -> dict[str, str]:
-    from sr_ray.demo.community import CommunityConfig
     from sr_ray.curation.curate import CurateConfig, curate
+    from sr_ray.demo.community import CommunityConfig
 
     summary = curate(CurateConfig(
         community=CommunityConfig(seed=cfg.seed, images=cfg.community_images, image_size=cfg.image_size),

@@ -30,15 +30,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sr_ray.core import images, storage
+from sr_ray.core import identity, images, parquet, stats, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
-from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
 from sr_ray.diffusion.generate import ActorPoolConfig
-from sr_ray.core import stats
 from sr_ray.eval import preference_sets
-from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
+from sr_ray.eval.scorers import (
+    ScorerSettings,
+    check_names,
+    make_scorer,
+    weights_fingerprint,
+)
 
 log = logging.getLogger("sr_ray.eval.compare")
 

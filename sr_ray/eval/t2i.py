@@ -37,13 +37,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sr_ray.core import images, storage
-from sr_ray.core.errors import DataError
+from sr_ray.core import images, stats, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
+from sr_ray.core.errors import DataError
 from sr_ray.demo.prompts import demo_prompt_sets
-from sr_ray.diffusion.generate import (ActorPoolConfig, GenComputeConfig, GenerateConfig, SamplingConfig, generate,
-                                       load_prompt_sets)
-from sr_ray.core import stats
+from sr_ray.diffusion.generate import (
+    ActorPoolConfig,
+    GenComputeConfig,
+    GenerateConfig,
+    SamplingConfig,
+    generate,
+    load_prompt_sets,
+)
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
 log = logging.getLogger("sr_ray.eval.t2i")

@@ -37,13 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from sr_ray.core import images, storage
+from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import ConfigError, to_dict
-from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
+from sr_ray.eval.scorers import (
+    ScorerSettings,
+    check_names,
+    make_scorer,
+    weights_fingerprint,
+)
 from sr_ray.reward.data import preprocessing, read_image_bytes
-from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +234,8 @@ class GenerationScorer:
                  text_cache_size: int = 100_000, torch_threads: int = 0):
         import torch
 
-        from sr_ray.reward.model import tokenizer
         from sr_ray.core.ray_utils import in_ray_worker, worker_prints_to_stderr
+        from sr_ray.reward.model import tokenizer
         from sr_ray.reward.score import load_model
 
         if in_ray_worker():

@@ -15,10 +15,16 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from sr_ray.core import images, storage
-from sr_ray.core import identity, stats
+from sr_ray.core import identity, images, stats, storage
 from sr_ray.core.errors import DataError
-from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
+from sr_ray.reward.model import (
+    ModelConfig,
+    RewardModel,
+    build_clip,
+    image_transform,
+    preprocess_cfg,
+    tokenizer,
+)
 
 MODEL_FILE = "model.pt"
 

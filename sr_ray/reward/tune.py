@@ -252,8 +252,8 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from sr_ray.reward.data import preflight, resolve_splits
     from sr_ray.core.ray_utils import init_ray
+    from sr_ray.reward.data import preflight, resolve_splits
     from sr_ray.reward.train import check_config
 
     check_search(cfg)

@@ -25,9 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sr_ray.core import storage
-from sr_ray.core import identity
-
+from sr_ray.core import identity, storage
 from sr_ray.eval.scorers.aesthetic import AestheticConfig
 from sr_ray.eval.scorers.base import Scorer
 from sr_ray.eval.scorers.clip import ClipConfig

@@ -20,8 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, in_batches, load_state,
-                                      random_weights_warning, rgb, seeded)
+from sr_ray.eval.scorers.base import (
+    autocast,
+    device_of,
+    fetch_weights,
+    in_batches,
+    load_state,
+    random_weights_warning,
+    rgb,
+    seeded,
+)
 from sr_ray.eval.scorers.clip import open_clip_pretrained
 
 HEADS = ("linear", "mlp")
@@ -69,7 +77,12 @@ class LaionAesthetic:
     name = "laion_aesthetic"
 
     def __init__(self, cfg: AestheticConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):
-        from sr_ray.reward.model import ModelConfig, build_clip, image_transform, preprocess_cfg
+        from sr_ray.reward.model import (
+            ModelConfig,
+            build_clip,
+            image_transform,
+            preprocess_cfg,
+        )
 
         self.device, self.bf16, self.batch_size = device_of(device), bf16, batch_size
         mcfg = ModelConfig(name=cfg.clip_model,

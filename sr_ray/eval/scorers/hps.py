@@ -15,9 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, load_state,
-                                      in_batches, random_weights_warning, rgb,
-                                      seeded)
+from sr_ray.eval.scorers.base import (
+    autocast,
+    device_of,
+    fetch_weights,
+    in_batches,
+    load_state,
+    random_weights_warning,
+    rgb,
+    seeded,
+)
 
 VERSIONS = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,7 +84,12 @@ class HPS:
     name = "hpsv2"
 
     def __init__(self, cfg: HPSConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):
-        from sr_ray.reward.model import ModelConfig, build_clip, preprocess_cfg, tokenizer
+        from sr_ray.reward.model import (
+            ModelConfig,
+            build_clip,
+            preprocess_cfg,
+            tokenizer,
+        )
 
         self.device, self.bf16, self.batch_size = device_of(device), bf16, batch_size
         key = "hpsv21.weights" if cfg.version == "2.1" else "hpsv2.weights"

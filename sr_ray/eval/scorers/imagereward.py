@@ -24,9 +24,16 @@ import torch
 from torch import nn
 
 from sr_ray.eval.scorers.aesthetic import MLPHead
-from sr_ray.eval.scorers.base import (autocast, device_of, fetch_weights, load_state,
-                                      in_batches, random_weights_warning, rgb,
-                                      seeded)
+from sr_ray.eval.scorers.base import (
+    autocast,
+    device_of,
+    fetch_weights,
+    in_batches,
+    load_state,
+    random_weights_warning,
+    rgb,
+    seeded,
+)
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 MAX_LENGTH = 35
