@@ -140,8 +140,25 @@ def test_same_seed_same_image_whatever_the_batch_and_model_order():
     assert a[0].shape == (32, 32, 3)
     assert max(int(np.abs(x - y).max()) for x, y in zip(a, b)) <= 1  # same noise; batching may move a rounding
     assert not np.array_equal(a[0], a[1])  # image 1 has its own noise
-    ft = ImageGenerator("finetuned", "tiny", s, batch_size=4, device="cpu")
-    assert ft.negative == "t@y quality" and ft(batch)["negative_prompt"][0] == "t@y quality"
+    ft = ImageGenerator("finetuned", "tiny", s, batch_size=4, device="cpu", negative="t@y quality")
+    assert ft(batch)["negative_prompt"][0] == "t@y quality"
+
+
+def test_the_special_token_comes_from_the_models_pipeline(tmp_path):
+    """finetune_sd records the fine-tune set's token in the pipeline; generation reads it from there."""
+    from sr_ray.core import special_token
+    from sr_ray.diffusion.generate import negative_prompts
+
+    pipe = tmp_path / "run" / "pipeline"
+    pipe.mkdir(parents=True)
+    models = {"baseline": "tiny", "finetuned": str(pipe), "other": str(tmp_path)}
+    cfg = GenerateConfig(sampling=SamplingConfig(negative_for=["finetuned", "other"]))
+    special_token.write(str(pipe), special_token.PIPELINE_FILE, "zq quality")
+    assert negative_prompts(cfg, models) == {"baseline": "", "finetuned": "zq quality", "other": "t@y quality"}
+    cfg = GenerateConfig(sampling=SamplingConfig(negative_for=["finetuned"], negative_prompt="t@y quality"))
+    with pytest.raises(ConfigError, match=r"sampling.negative_prompt='t@y quality' but models.finetuned .* records "
+                                          r"the special token 'zq quality'"):
+        negative_prompts(cfg, models)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """Stable Diffusion fine-tuning: tiny SD built in code, freezing, the loss by hand, data errors, DeepSpeed on CPU."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,10 +92,11 @@ def write_set(folder, rows=24, bad=1):
     gen = make_generations(rows // 2, 2, 40, 0, 0)
     folder.mkdir(parents=True)
     src = ["best" if g.endswith("-00") else "worst" for g in gen["generation_id"]]
-    prompts = [p if s == "best" else f"{p}, t@y quality" for p, s in zip(gen["prompt"], src)]
+    prompts = [p if s == "best" else f"{p}, zq quality" for p, s in zip(gen["prompt"], src)]
     imgs = gen["image"][:rows - bad] + [b"not a png"] * bad
     pq.write_table(pa.table({"prompt": prompts[:rows], "image": imgs, "source": src[:rows],
                              "generation_id": gen["generation_id"][:rows]}), folder / "part-00000.parquet")
+    (folder / "finetune_set.json").write_text('{"special_token": "zq quality"}')  # as select_pairs records it
     return str(folder)
 
 
@@ -136,6 +140,8 @@ def test_deepspeed_zero2_on_two_cpu_workers_trains_the_unet_only(ray_cluster, tm
     assert not changed(weights(init["text_encoder"]), weights(pipe.text_encoder))
     assert not changed(weights(init["vae"]), weights(pipe.vae))
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    # the fine-tune set's special token (its finetune_set.json) is the samples' and the pipeline's
+    assert json.loads((Path(summary["pipeline"]) / "sr_ray.json").read_text()) == {"special_token": "zq quality"}
 
     def image(seed):
         g = torch.Generator().manual_seed(seed)

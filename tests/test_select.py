@@ -86,6 +86,8 @@ def test_selection_picks_true_best_and_worst_and_mixes_regularization(ray_cluste
                        out=str(tmp_path / "ft"), min_images=3, margin=0.1, regularization_ratio=0.5,
                        rows_per_shard=8, seed=3, val_prompts=0.25)
     summary = select_pairs(cfg)
+    # the special token is recorded beside the set, for fine-tuning and generation to read
+    assert json.loads((tmp_path / "ft" / "finetune_set.json").read_text()) == {"special_token": "t@y quality"}
 
     # by hand: per prompt with >= 3 images and best - worst > 0.1, the max and the min
     by_prompt: dict[str, list] = {}

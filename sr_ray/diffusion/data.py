@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sr_ray.core import images, storage
-from sr_ray.core import parquet
+from sr_ray.core import images, parquet, special_token, storage
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ def finetune_dataset(info: SetInfo, model_cfg: dict, cfg: FinetuneDataConfig, se
 DEMO_DEFAULTS = {"prompts": 120, "image_size": 48, "seed": 0, "cache_dir": "~/.cache/sr-ray/demo"}
 
 
-def ensure_demo_finetune_set(overrides: dict | None = None, token: str = "t@y quality") -> str:
+def ensure_demo_finetune_set(overrides: dict | None = None, token: str = special_token.DEFAULT) -> str:
     """A fine-tune set drawn in code (best: the prompt's colour; worst: another, with the token; regularization)."""
     import os
     from pathlib import Path
@@ -186,7 +185,12 @@ def ensure_demo_finetune_set(overrides: dict | None = None, token: str = "t@y qu
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sr_ray.demo.data import cached_dir, demo_params, make_generations, make_regularization
+    from sr_ray.demo.data import (
+        cached_dir,
+        demo_params,
+        make_generations,
+        make_regularization,
+    )
 
     p, key = demo_params(DEMO_DEFAULTS, overrides, "fine-tune set")
     root = Path(os.path.expanduser(p["cache_dir"])) / f"finetune-set-{key}"
@@ -210,6 +214,7 @@ def ensure_demo_finetune_set(overrides: dict | None = None, token: str = "t@y qu
         t = t.take(np.random.default_rng(int(p["seed"])).permutation(len(t)))
         for k, s in enumerate(range(0, len(t), 160)):
             pq.write_table(t.slice(s, 160), tmp / f"part-{k:05d}.parquet", row_group_size=64)
+        special_token.write(str(tmp), special_token.SET_FILE, token)
 
     cached_dir(root, write, p, "demo fine-tune set")
     return str(root)

@@ -29,14 +29,24 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sr_ray.core import storage
-from sr_ray.core.logs import setup_logging
+from sr_ray.core import identity, special_token, storage
 from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
-from sr_ray.reward.data import DataError
-from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
-from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
-from sr_ray.core import identity
+from sr_ray.core.errors import DataError
+from sr_ray.core.logs import setup_logging
 from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
+from sr_ray.diffusion.components import (
+    SDModelConfig,
+    check_model,
+    load_components,
+    pipeline,
+    prepare_model,
+)
+from sr_ray.diffusion.data import (
+    FinetuneDataConfig,
+    ensure_demo_finetune_set,
+    finetune_dataset,
+    preflight,
+)
 from sr_ray.reward.train import Reducer
 
 log = logging.getLogger("sr_ray.finetune")
@@ -149,8 +159,9 @@ class FinetuneRunConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a red cat, watercolor", "a blue house, photo"])
     sample_steps: int = 20
     """DDIM steps of the samples."""
-    negative_prompt: str = "t@y quality"
-    """The special token of the worst images: the samples' negative prompt."""
+    negative_prompt: str | None = None
+    """The samples' negative prompt; default: the fine-tune set's special token (its ``finetune_set.json``, written
+    by select_pairs), else ``t@y quality``. It is recorded in the saved pipeline for generation."""
     save_pipeline: bool = True
     """Write <run>/pipeline (diffusers save_pretrained) at the end."""
     ray_address: str | None = None
@@ -254,8 +265,9 @@ def sample_images(parts: dict[str, Any], denoiser: Denoiser, prompts: list[str],
     return np.stack(out)
 
 
-def save_pipeline(parts: dict[str, Any], denoiser: Denoiser, uri: str) -> None:
-    """A diffusers pipeline directory at ``uri`` (local or s3://), weights in fp32, DDIM sampler."""
+def save_pipeline(parts: dict[str, Any], denoiser: Denoiser, uri: str, token: str) -> None:
+    """A diffusers pipeline directory at ``uri`` (local or s3://), weights in fp32, DDIM sampler, with the special
+    token recorded beside them (``sr_ray.json``)."""
     pipe = pipeline({**parts, "unet": denoiser.unet.float(), "text_encoder": denoiser.text_encoder.float(),
                      "vae": parts["vae"].float()})
     if storage.is_s3(uri):
@@ -264,6 +276,7 @@ def save_pipeline(parts: dict[str, Any], denoiser: Denoiser, uri: str) -> None:
             storage.upload_dir(tmp, uri)
     else:
         pipe.save_pretrained(uri)
+    special_token.write(uri, special_token.PIPELINE_FILE, token)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -514,7 +527,8 @@ class _FinetuneWorker:
         if self.cfg.run.save_pipeline:
             with self.full_params():
                 if self.rank == 0:
-                    save_pipeline(self.parts, self.core, storage.join(self.rdir, "pipeline"))
+                    save_pipeline(self.parts, self.core, storage.join(self.rdir, "pipeline"),
+                                  self.cfg.run.negative_prompt)
                     log.info("[finetune] pipeline saved to %s", storage.join(self.rdir, "pipeline"))
         if self.writer is not None:
             self.writer.close()
@@ -542,9 +556,12 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
 
         selected = Path(SelectConfig().out)  # the selection demo's output, when it has run here
         uri = str(selected.resolve()) if any(selected.glob("part-*.parquet")) else \
-            ensure_demo_finetune_set(cfg.data.demo, cfg.run.negative_prompt)
+            ensure_demo_finetune_set(cfg.data.demo, cfg.run.negative_prompt or special_token.DEFAULT)
+    token = special_token.resolve(cfg.run.negative_prompt, special_token.read(uri, special_token.SET_FILE,
+                                                                              cfg.data.s3_endpoint),
+                                  "run.negative_prompt", f"the fine-tune set {storage.redact(uri)}")
     cfg = replace(cfg, data=replace(cfg.data, train=uri),
-                  run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path)))
+                  run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path), negative_prompt=token))
     info = preflight(cfg.data, uri)
     per_worker = cfg.optim.batch_size // cfg.scaling.num_workers
     spe = (info.rows // cfg.scaling.num_workers) // per_worker

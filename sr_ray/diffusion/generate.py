@@ -5,8 +5,9 @@ with DDIM (the paper: 4 images, 30 steps). Image ``i`` of a prompt starts from
 the noise of seed ``image_seed(seed, prompt, i)``, drawn on the CPU, so every
 model, prompt set, batch size and device sees the same noise and a baseline and
 its fine-tuned model differ only by their weights. A model named in
-``negative_for`` (default: ``finetuned``) gets the special token
-(``t@y quality``) as its negative prompt; the others get none.
+``negative_for`` (default: ``finetuned``) gets the special token as its negative
+prompt (as recorded in its pipeline by the fine-tuning job: ``sr_ray.core.special_token``);
+the others get none.
 
 Models: ``tiny`` (built in code, as the fine-tune demo starts from), a diffusers
 model directory (local or ``s3://``), a fine-tuning run directory (its
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sr_ray.core import images, storage
+from sr_ray.core import images, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.demo.prompts import demo_prompt_sets
 
@@ -69,8 +70,9 @@ class SamplingConfig:
     """Image side in pixels; 0: the model's own (512 for SD 2.1-base, 32 for tiny)."""
     seed: int = 0
     """Base seed: image i of prompt p starts from the noise of hash(seed, p, i), the same for every model."""
-    negative_prompt: str = "t@y quality"
-    """The special token of the worst images (select_pairs' token)."""
+    negative_prompt: str | None = None
+    """The negative prompt of the models in ``negative_for``; default: the special token recorded in the
+    model's pipeline (``sr_ray.json``, written by finetune_sd from the fine-tune set), else ``t@y quality``."""
     negative_for: list[str] = field(default_factory=lambda: ["finetuned"])
     """Models that get ``negative_prompt`` as their negative prompt; the others get none."""
 
@@ -242,7 +244,12 @@ def load_pipeline(uri: str):
     """A ``StableDiffusionPipeline`` with a DDIM sampler, no safety checker, on the CPU in fp32."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sr_ray.diffusion.components import BUILT_IN, SDModelConfig, load_components, pipeline
+    from sr_ray.diffusion.components import (
+        BUILT_IN,
+        SDModelConfig,
+        load_components,
+        pipeline,
+    )
 
     if uri in BUILT_IN:
         return pipeline(load_components(SDModelConfig(name=uri)))
@@ -270,7 +277,7 @@ class ImageGenerator:
     """Callable class for ``map_batches``: rows of (prompt_set, prompt_index, prompt, shard) -> image rows."""
 
     def __init__(self, model: str, uri: str, sampling: dict, precision: str = "auto", torch_threads: int = 0,
-                 batch_size: int = 8, device: str | None = None):
+                 batch_size: int = 8, device: str | None = None, negative: str = ""):
         import torch
 
         from sr_ray.core.ray_utils import worker_prints_to_stderr
@@ -282,7 +289,7 @@ class ImageGenerator:
         self.model, self.s = model, SamplingConfig(**sampling)
         self.pipe = load_pipeline(uri).to(self.device, _dtype(precision, self.device))
         self.pipe.set_progress_bar_config(disable=True)
-        self.negative = self.s.negative_prompt if model in self.s.negative_for else ""
+        self.negative = negative
         unet = self.pipe.unet.config
         self.resolution = self.s.resolution or unet.sample_size * self.pipe.vae_scale_factor
         self.batch_size = batch_size
@@ -329,6 +336,20 @@ class ImageGenerator:
 
 def shard_uri(out: str, model: str, prompt_set: str, chunk: int) -> str:
     return storage.join(out, model, f"{prompt_set}-{chunk:05d}.parquet")
+
+
+def negative_prompts(cfg: GenerateConfig, models: dict[str, str]) -> dict[str, str]:
+    """{model: its negative prompt}: for the models in ``sampling.negative_for`` the special token (explicit, or
+    as recorded in the model's pipeline), "" for the others."""
+    out = {}
+    for name, uri in models.items():
+        if name in cfg.sampling.negative_for:
+            recorded = special_token.read(uri, special_token.PIPELINE_FILE, cfg.s3_endpoint)
+            out[name] = special_token.resolve(cfg.sampling.negative_prompt, recorded, "sampling.negative_prompt",
+                                              f"models.{name} ({storage.redact(uri)})")
+        else:
+            out[name] = ""
+    return out
 
 
 def _settings(cfg: GenerateConfig, sets: dict[str, list[str]]) -> dict[str, Any]:
@@ -406,6 +427,7 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
     if sets is None:
         sets = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint)
     models = check_models(cfg.models)
+    negatives = negative_prompts(cfg, models)
     _check_out(cfg, _settings(cfg, sets), models)
     shards = plan(cfg, sets)
     n_img = cfg.sampling.images_per_prompt
@@ -426,7 +448,7 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
             ImageGenerator, batch_format="numpy", batch_size=max(1, c.batch_size // n_img),
             fn_constructor_kwargs={"model": model, "uri": uri, "sampling": to_dict(cfg.sampling),
                                    "precision": c.precision, "torch_threads": c.torch_threads,
-                                   "batch_size": c.batch_size},
+                                   "batch_size": c.batch_size, "negative": negatives[model]},
             **c.map_kwargs())
         parts: dict[str, list] = {}
         need = {s: len(rows) * n_img for s, rows in todo.items()}
@@ -450,7 +472,8 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
             raise RuntimeError(f"images missing from the generation output of {model}: {sorted(parts)}")
         per_model[model] = round(done / (time.perf_counter() - t_model), 3)
     images = len(models) * sum(map(len, sets.values())) * n_img
-    summary = {"out": cfg.out, "models": models, "prompt_sets": {k: len(v) for k, v in sets.items()},
+    summary = {"out": cfg.out, "models": models, "negative_prompts": negatives,
+               "prompt_sets": {k: len(v) for k, v in sets.items()},
                "images": images, "shards_written": made, "shards_skipped": skipped,
                "images_per_s": per_model, "wall_s": round(time.perf_counter() - t0, 1)}
     storage.write_text(storage.join(cfg.out, "_summary.json"), json.dumps(summary, indent=1), cfg.s3_endpoint)

@@ -45,9 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sr_ray.core import images, storage
+from sr_ray.core import identity, images, parquet, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
-from sr_ray.core import identity, parquet
 from sr_ray.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,9 @@ class SelectConfig:
     """Prompts with fewer scored images are skipped."""
     margin: float = 0.0
     """Skip a prompt unless best - worst > margin (an exact tie is always skipped)."""
-    token: str = "t@y quality"
-    """Special token in the worst image's prompt; the negative prompt at inference."""
+    token: str = special_token.DEFAULT
+    """Special token in the worst image's prompt; the negative prompt at inference (recorded in
+    ``<out>/finetune_set.json``, from where fine-tuning and generation read it)."""
     token_position: str = "suffix"
     """suffix: "<prompt><sep><token>"; prefix: "<token><sep><prompt>"."""
     token_separator: str = ", "
@@ -558,6 +558,7 @@ def _report(cfg: SelectConfig, inp: _Inputs, pick: dict, all_stats: list[dict], 
     storage.write_text(storage.join(cfg.out, INTERNAL), "".join(json.dumps({"prompt": p}) + "\n"
                                                                  for p in pick["held"]), endpoint)
     storage.write_text(storage.join(cfg.out, "report.md"), markdown(report), endpoint)
+    special_token.write(cfg.out, special_token.SET_FILE, cfg.token, endpoint)
     storage.write_bytes(storage.join(cfg.out, "score_distribution.png"),
                         plot(best_s[pick["kept"]], worst_s[pick["kept"]], gap[enough], cfg.margin), endpoint)
     log.info("[select] %d rows (best %d, worst %d, regularization %d) in %d shards under %s; report.md beside them",
