@@ -5,12 +5,11 @@ same rules, on simulated logs of growing size; rows/s, time growth and peak memo
     python jobs/benchmark_curate.py sizes=[20000,50000]     # quick
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.bench.curate import BenchCurateConfig, bench_curate, format_table
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(BenchCurateConfig, bench_curate, argv, None, __doc__, table=format_table)
+    return run("benchmark_curate", argv, __doc__)
 
 
 if __name__ == "__main__":

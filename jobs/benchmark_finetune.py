@@ -6,12 +6,11 @@ same model, data and steps, one run; prints ratios to the first variant.
         batch_size=4 steps=30 variants=[ddp,zero2,zero2+latents]       # on a GPU: SD 2.1-base-sized, bf16
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.bench.finetune import BenchFinetuneConfig, bench_finetune, format_table
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(BenchFinetuneConfig, bench_finetune, argv, None, __doc__, table=format_table)
+    return run("benchmark_finetune", argv, __doc__)
 
 
 if __name__ == "__main__":

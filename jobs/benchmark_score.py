@@ -6,12 +6,11 @@ validation loop (one DataLoader, one model, text encoded per image), same model 
         actors=[1] prompts=2000                                     # on a GPU machine: images/s per GPU, 1M projection
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.bench.score import BenchScoreConfig, bench_score, format_table
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(BenchScoreConfig, bench_score, argv, None, __doc__, table=format_table)
+    return run("benchmark_score", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@
     python jobs/benchmark_scorers.py full_size=true images=256 batch_size=64   # published shapes (a GPU)
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.bench.scorers import BenchScorersConfig, bench_scorers, format_table
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(BenchScorersConfig, bench_scorers, argv, None, __doc__, table=format_table)
+    return run("benchmark_scorers", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@
     python jobs/benchmark_train.py model.name=ViT-L-14 steps=20 # e.g. on a GPU machine (bf16 autocast)
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.bench.train import BenchTrainConfig, bench_train, format_table
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(BenchTrainConfig, bench_train, argv, None, __doc__, table=format_table)
+    return run("benchmark_train", argv, __doc__)
 
 
 if __name__ == "__main__":

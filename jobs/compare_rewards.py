@@ -12,12 +12,11 @@ Writes <out>/table.md|csv, accuracy.png, differences.md|csv, agreement.md|csv, s
 The last stdout line is JSON: {"results": {set: {scorer: {accuracy, ci_low, ci_high, pairs}}}, ...}.
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.eval.compare import CompareConfig, compare_rewards
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(CompareConfig, compare_rewards, argv, None, __doc__)
+    return run("compare_rewards", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@
 The last stdout line is the JSON summary (also in <out>/datacard.json, with REPORT.md and distributions.png).
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.curation.curate import CurateConfig, curate
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(CurateConfig, curate, argv, None, __doc__)
+    return run("curate_dataset", argv, __doc__)
 
 
 if __name__ == "__main__":

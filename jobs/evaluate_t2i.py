@@ -10,16 +10,11 @@ Writes <out>/table5.md|csv, table6.md|csv, win_rates.png, grid-<set>.png, scores
 best_of_n.* with best_of_n=<metric>). The last stdout line is JSON.
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.eval.t2i import EvaluateT2IConfig, evaluate_t2i
-
-DEFAULT = Path(__file__).parent / "configs" / "evaluate_t2i" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(EvaluateT2IConfig, evaluate_t2i, argv, DEFAULT, __doc__)
+    return run("evaluate_t2i", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,11 @@ under <run>/tensorboard (loss, lr, samples/s, samples with the special token as 
 diffusers pipeline in <run>/pipeline. The last stdout line is JSON.
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.diffusion.finetune import FinetuneSDConfig, finetune_sd
-
-DEFAULT = Path(__file__).parent / "configs" / "finetune_sd" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(FinetuneSDConfig, finetune_sd, argv, DEFAULT, __doc__)
+    return run("finetune_sd", argv, __doc__)
 
 
 if __name__ == "__main__":

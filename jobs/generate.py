@@ -10,16 +10,11 @@ special token as negative prompt. Output: generations Parquet, a shard per model
 skips finished shards). The last stdout line is JSON.
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.diffusion.generate import GenerateConfig, generate
-
-DEFAULT = Path(__file__).parent / "configs" / "generate" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(GenerateConfig, generate, argv, DEFAULT, __doc__)
+    return run("generate", argv, __doc__)
 
 
 if __name__ == "__main__":

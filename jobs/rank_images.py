@@ -8,12 +8,11 @@
 Writes <out>.png (a row per scorer) and <out>.json (each image's score and rank); the last stdout line is JSON.
 """
 
-from sr_ray.app.cli import run_job
-from sr_ray.eval.figures import RankImagesConfig, rank_images
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(RankImagesConfig, rank_images, argv, None, __doc__)
+    return run("rank_images", argv, __doc__)
 
 
 if __name__ == "__main__":

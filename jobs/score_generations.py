@@ -7,16 +7,11 @@ One output shard per input file (input columns less image bytes, plus ``score``)
 their reason under <out>/_rejects/; a re-run skips finished shards. The last stdout line is JSON.
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.generations.score import ScoreConfig, score_generations
-
-DEFAULT = Path(__file__).parent / "configs" / "score_generations" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(ScoreConfig, score_generations, argv, DEFAULT, __doc__)
+    return run("score_generations", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,11 @@ report.md / report.json / score_distribution.png beside them; the worst prompts 
 (default "t@y quality"), which is the negative prompt at inference. The last stdout line is JSON.
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.generations.select import SelectConfig, select_pairs
-
-DEFAULT = Path(__file__).parent / "configs" / "select_pairs" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(SelectConfig, select_pairs, argv, DEFAULT, __doc__)
+    return run("select_pairs", argv, __doc__)
 
 
 if __name__ == "__main__":

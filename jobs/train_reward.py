@@ -6,16 +6,11 @@
 The last stdout line is the JSON summary (also written to <run dir>/summary.json).
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.reward.train import TrainRewardConfig, train_reward
-
-DEFAULT = Path(__file__).parent / "configs" / "train_reward" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(TrainRewardConfig, train_reward, argv, DEFAULT, __doc__)
+    return run("train_reward", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,11 @@ Overrides: sweep keys (num_samples=8, scheduler.name=fifo, name=...) and trainin
 The last stdout line is the JSON summary (also <sweep dir>/summary.json, with results.csv/.md and sweep.png).
 """
 
-from pathlib import Path
-
-from sr_ray.app.cli import run_job
-from sr_ray.reward.tune import TuneRewardConfig, tune_reward
-
-DEFAULT = Path(__file__).parent / "configs" / "tune_reward" / "demo.yaml"
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    return run_job(TuneRewardConfig, tune_reward, argv, DEFAULT, __doc__)
+    return run("tune_reward", argv, __doc__)
 
 
 if __name__ == "__main__":

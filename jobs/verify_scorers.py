@@ -10,16 +10,11 @@ more than ``tolerance``.
 
 import sys
 
-from sr_ray.app.cli import run_job
-from sr_ray.bench.verify_scorers import (
-    VerifyScorersConfig,
-    format_table,
-    verify_scorers,
-)
+from sr_ray.app.registry import run
 
 
 def main(argv=None) -> dict:
-    summary = run_job(VerifyScorersConfig, verify_scorers, argv, None, __doc__, table=format_table)
+    summary = run("verify_scorers", argv, __doc__)
     if not summary["all_equal"]:
         sys.exit(1)
     return summary

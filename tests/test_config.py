@@ -4,31 +4,73 @@ from pathlib import Path
 
 import pytest
 
-from sr_ray.core.config import ConfigError, load_config, to_dict
+from sr_ray.app.registry import JOBS, resolve
+from sr_ray.core.config import (
+    PRESET_DIR,
+    ConfigError,
+    load_config,
+    preset_path,
+    to_dict,
+)
 from sr_ray.reward.train import TrainRewardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
+CONFIGS = sorted(PRESET_DIR.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_yaml_loads(path):
-    from sr_ray.diffusion.finetune import FinetuneSDConfig
-    from sr_ray.diffusion.generate import GenerateConfig
-    from sr_ray.eval.compare import CompareConfig
-    from sr_ray.eval.t2i import EvaluateT2IConfig
-    from sr_ray.generations.score import ScoreConfig
-    from sr_ray.generations.select import SelectConfig
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(PRESET_DIR)))
+def test_every_shipped_preset_loads_with_its_jobs_config(path):
     from sr_ray.reward.tune import TuneRewardConfig, check_search
 
-    cls = {"train_reward": TrainRewardConfig, "tune_reward": TuneRewardConfig,
-           "score_generations": ScoreConfig, "select_pairs": SelectConfig,
-           "finetune_sd": FinetuneSDConfig, "generate": GenerateConfig,
-           "evaluate_t2i": EvaluateT2IConfig, "compare_rewards": CompareConfig}[path.parent.name]
+    cls, fn, _ = resolve(path.parent.name)  # a preset folder is named after a registered job
     cfg = load_config(cls, path)
-    assert to_dict(cfg)
+    assert to_dict(cfg) and callable(fn)
     if cls is TuneRewardConfig:
         check_search(cfg)  # every swept key and value is a valid training setting
+
+
+def test_every_job_resolves_and_its_script_runs_it():
+    for name in JOBS:
+        cls, fn, table = resolve(name)
+        assert cls.__name__.endswith("Config") and callable(fn), name
+        script = (ROOT / "jobs" / f"{name}.py").read_text()
+        assert f'run("{name}", argv, __doc__)' in script, name
+
+
+def test_a_preset_composes_another_with_its_own_keys_over_it(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("train:\n  preset: train_reward/paper\n  optim: {lr: 1.0e-4}\nname: mine\n")
+    from sr_ray.reward.tune import TuneRewardConfig
+
+    cfg = load_config(TuneRewardConfig, f)
+    paper = load_config(TrainRewardConfig, preset_path("train_reward", "paper"))
+    assert cfg.train.optim.lr == 1e-4 and cfg.name == "mine"
+    cfg.train.optim.lr = paper.optim.lr
+    assert to_dict(cfg.train) == to_dict(paper)  # the rest is the preset's
+    f.write_text("train:\n  preset: train_reward/nosuch\n")
+    with pytest.raises(ConfigError, match=r"no preset 'nosuch' for train_reward \(presets: \['demo', 'paper', "
+                                          r"'recommended'\]\)"):
+        load_config(TuneRewardConfig, f)
+    f.write_text("train:\n  preset: paper\n")
+    with pytest.raises(ConfigError, match="preset: 'paper' is not of the form <job>/<name>"):
+        load_config(TuneRewardConfig, f)
+
+
+def test_config_takes_a_presets_name_and_the_cli_lists_jobs(capsys):
+    import subprocess
+    import sys
+
+    from sr_ray.app.cli import parse_job_args
+
+    cfg = parse_job_args(TrainRewardConfig, ["--config", "paper", "optim.epochs=2"], None, "", "train_reward")
+    assert cfg.model.name == "ViT-L-14-quickgelu" and cfg.optim.epochs == 2
+    with pytest.raises(SystemExit) as e:
+        parse_job_args(TrainRewardConfig, ["--config", "papr"], None, "", "train_reward")
+    assert e.value.code == 2 and "no preset 'papr' for train_reward" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-m", "sr_ray", "jobs"], capture_output=True, text=True, check=True).stdout
+    assert all(name in out for name in JOBS) and "[presets: demo, paper, recommended]" in out
+    bad = subprocess.run([sys.executable, "-m", "sr_ray", "trian_reward"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no job 'trian_reward'" in bad.stderr
 
 
 def test_paper_yaml_is_the_authors_recipe():

@@ -9,21 +9,28 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from sr_ray.core.config import ConfigError, load_config
+from sr_ray.core.config import ConfigError, load_config, preset_path
 from sr_ray.core.logs import setup_logging
 
 T = TypeVar("T")
 
 
-def parse_job_args(cls: type[T], argv: Sequence[str] | None, default_config: Path | None, doc: str) -> T:
+def parse_job_args(cls: type[T], argv: Sequence[str] | None, default_config: Path | None, doc: str,
+                   job: str | None = None) -> T:
     """``[--config FILE] [key=value ...]`` -> config; exits with status 2 and the key named on a bad one."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config) if default_config else None,
-                        help=f"YAML config (default: {default_config})")
+                        help=f"a preset's name (e.g. paper) or a YAML file (default: {default_config})")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 data.train=s3://b/t")
     args = parser.parse_args(argv)
+    config = args.config
+    if config and job and not Path(config).is_file() and "/" not in config and "." not in config:
+        try:  # a preset's name: one of this job's presets
+            config = preset_path(job, config)
+        except ConfigError as e:
+            parser.exit(2, f"config error: --config {args.config}: no such file, and {e}\n")
     try:
-        return load_config(cls, args.config, args.overrides)
+        return load_config(cls, config, args.overrides)
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")
 
@@ -52,10 +59,11 @@ def reserve_stdout():
 
 
 def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path | None, doc: str,
-            table=None) -> dict[str, Any]:
+            table=None, job: str | None = None) -> dict[str, Any]:
     """The whole life of a job script: logging, config, ``fn(cfg)``, the JSON summary as the last line.
 
-    ``table``: a benchmark's ``format_table(result)``, printed before the summary.
+    ``table``: a benchmark's ``format_table(result)``, printed before the summary. ``job``: the job's name, so
+    ``--config`` can name one of its presets.
 
     A :class:`~sr_ray.reward.data.DataError` (bad input) ends the job with its message and status 1;
     a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
@@ -63,7 +71,7 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
     from sr_ray.core.parquet import data_error_of
 
     setup_logging()
-    cfg = parse_job_args(cls, argv, default_config, doc)
+    cfg = parse_job_args(cls, argv, default_config, doc, job)
     results = reserve_stdout()
     try:
         summary = fn(cfg)

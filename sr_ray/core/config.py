@@ -179,21 +179,58 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+"""Presets shipped in the package: ``<job>/<name>.yaml`` (``jobs/configs`` points here)."""
+
+
+def preset_names(job: str) -> list[str]:
+    return sorted(p.stem for p in (PRESET_DIR / job).glob("*.yaml"))
+
+
+def preset_path(job: str, name: str) -> Path:
+    """The file of preset ``name`` of ``job``; ConfigError listing the job's presets when there is none."""
+    path = PRESET_DIR / job / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset {name!r} for {job} (presets: {preset_names(job)})")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return dict(loaded)
+
+
+def expand_presets(tree: dict[str, Any], where: str, depth: int = 0) -> dict[str, Any]:
+    """A mapping with ``preset: <job>/<name>`` becomes that preset with the mapping's other keys over it (at any
+    level: a sweep's ``train:`` section can be the training job's preset instead of a copy of it)."""
+    if depth > 8:
+        raise ConfigError(f"{where}: presets nest more than 8 deep (a preset that includes itself?)")
+    out = {k: expand_presets(dict(v), where, depth) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    ref = out.pop("preset", None)
+    if ref is None:
+        return out
+    if not isinstance(ref, str) or ref.count("/") != 1:
+        raise ConfigError(f"{where}: preset: {ref!r} is not of the form <job>/<name>, e.g. train_reward/paper")
+    base = expand_presets(_read_yaml(preset_path(*ref.split("/"))), ref, depth + 1)
+    return _deep_merge(base, out)
+
+
 def load_config(
     cls: type[T],
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
 ) -> T:
-    """defaults (the dataclass) -> YAML file -> dotted ``key=value`` overrides."""
+    """defaults (the dataclass) -> YAML file (its ``preset:`` references expanded) -> dotted ``key=value``
+    overrides."""
     tree: dict[str, Any] = to_dict(cls())
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        loaded = expand_presets(_read_yaml(path), str(path))
         try:
             from_dict(cls, _deep_merge(to_dict(cls()), loaded))
         except ConfigError as e:

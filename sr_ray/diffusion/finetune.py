@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from sr_ray.core import identity, special_token, storage
-from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.core.config import (
+    ConfigError,
+    dump_yaml,
+    from_dict,
+    load_config,
+    preset_path,
+    to_dict,
+)
 from sr_ray.core.errors import DataError
 from sr_ray.core.logs import setup_logging
 from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
@@ -180,11 +187,8 @@ class FinetuneSDConfig:
 
 
 def demo_config() -> FinetuneSDConfig:
-    """The embedded default of ``jobs/finetune_sd.py`` (its demo.yaml): tiny SD, ZeRO-2 over 2 CPU workers."""
-    cfg = FinetuneSDConfig()
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.epochs = 1e-3, 20, 8  # a random U-Net learns from scratch
-    cfg.run.checkpoint_every_steps, cfg.run.log_every_steps, cfg.run.sample_steps = 40, 10, 10
-    return cfg
+    """The embedded default of ``jobs/finetune_sd.py``: its demo preset (tiny SD, ZeRO-2 over 2 CPU workers)."""
+    return load_config(FinetuneSDConfig, preset_path("finetune_sd", "demo"))
 
 
 class Denoiser(torch.nn.Module):
