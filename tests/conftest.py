@@ -101,3 +101,12 @@ def load_train_config(overrides: list[str]):
     from sr_ray.reward.train import TrainRewardConfig
 
     return load_config(TrainRewardConfig, ROOT / "jobs/configs/train_reward/demo.yaml", overrides)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray (the ``ray_cluster`` fixture) or belongs to the extended suite is ``slow``, so
+    ``pytest -m "not slow"`` is the fast inner loop (unit tests); the default suite still runs them all."""
+    slow = pytest.mark.slow
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("extended"):
+            item.add_marker(slow)

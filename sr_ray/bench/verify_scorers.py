@@ -23,7 +23,7 @@ import numpy as np
 from sr_ray.core.errors import ConfigError
 from sr_ray.reward.model import MODEL_CONFIG_DIR
 
-log = logging.getLogger("sr_ray.bench.verify_scorers")
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "jobs" / "reference"

@@ -56,7 +56,7 @@ from sr_ray.diffusion.data import (
 )
 from sr_ray.reward.train import Reducer
 
-log = logging.getLogger("sr_ray.finetune")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 DS_TAG = "ds"

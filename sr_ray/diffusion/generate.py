@@ -49,7 +49,7 @@ from sr_ray.core import images, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.demo.prompts import demo_prompt_sets
 
-log = logging.getLogger("sr_ray.generate")
+log = logging.getLogger(__name__)
 
 GENERATIONS_SCHEMA = pa.schema([
     ("generation_id", pa.string()), ("model", pa.string()), ("prompt_set", pa.string()),

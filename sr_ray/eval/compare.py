@@ -43,7 +43,7 @@ from sr_ray.eval.scorers import (
     weights_fingerprint,
 )
 
-log = logging.getLogger("sr_ray.eval.compare")
+log = logging.getLogger(__name__)
 
 PAIR_COLS = ["prompt", "pos_id", "neg_id", "tie"]
 

@@ -21,7 +21,7 @@ from sr_ray.core import images, storage
 from sr_ray.core.errors import ConfigError, DataError
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
-log = logging.getLogger("sr_ray.eval.figures")
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from sr_ray.core import storage
 from sr_ray.core.errors import DataError
 
-log = logging.getLogger("sr_ray.eval.preference_sets")
+log = logging.getLogger(__name__)
 
 KINDS = ("triplets", "pickapic", "hpdv2", "imagereward", "authors")
 PICKAPIC = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")

@@ -51,7 +51,7 @@ from sr_ray.diffusion.generate import (
 )
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
-log = logging.getLogger("sr_ray.eval.t2i")
+log = logging.getLogger(__name__)
 
 KEYS = ["generation_id", "model", "prompt_set", "prompt_index", "image_index", "prompt"]
 

@@ -49,7 +49,7 @@ from sr_ray.reward.score import (
     save_model,
 )
 
-log = logging.getLogger("sr_ray.reward.train")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"

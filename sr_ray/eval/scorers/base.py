@@ -26,7 +26,7 @@ import torch
 from sr_ray.core import storage
 from sr_ray.core.errors import ConfigError
 
-log = logging.getLogger("sr_ray.eval.scorers")
+log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("SR_RAY_CACHE", "~/.cache/sr-ray")).expanduser()
 
