@@ -229,6 +229,7 @@ def test_ray_job_equals_pandas_reference_on_a_community(ray_cluster, tmp_path):
         assert seen.setdefault(p, sp) == sp
 
 
+@pytest.mark.extended  # ~40 s; keeps the default suite under 12 minutes (.ci/run runs it after)
 def test_rerun_skips_finished_shards_and_other_rules_are_refused(hand_curated, tmp_path):
     import shutil
 

@@ -1,7 +1,7 @@
-"""In-batch losses see the global batch: 2 Ray Train workers x 8 triplets take the same step as 1 worker x 16.
+"""In-batch losses see the global batch: 2 workers x 8 triplets take the same step as 1 worker x 16.
 
-The step is sr-ray's own ``train_step`` (DDP from ``ray.train.torch.prepare_model``, gloo on CPU), once per
-loss, from the same seeded tiny CLIP. The optimizer is plain SGD so the updated weights follow the gradient's
+The step is sr-ray's own ``train_step`` over a real 2-process gloo group with the model in DDP (what Ray Train's
+``prepare_model`` gives each worker when there are several), once per loss, from the same seeded tiny CLIP. The optimizer is plain SGD so the updated weights follow the gradient's
 size (Adam's first step would hide a gradient off by a constant factor). The batch has a prompt whose
 triplets sit on both workers (InfoNCE must mask them across workers) and a bad row.
 """
@@ -54,22 +54,21 @@ def _one_step_per_loss(rank: int, world: int, wrap=lambda m: m) -> dict:
     return out
 
 
-def _worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
 
-    ctx = ray.train.get_context()
-    out = _one_step_per_loss(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.prepare_model)
-    torch.save(out, f"{config['out']}/rank{ctx.get_world_rank()}.pt")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    try:
+        torch.save(_one_step_per_loss(rank, world, DistributedDataParallel), f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-def test_two_workers_take_the_same_step_as_one(ray_cluster, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def test_two_workers_take_the_same_step_as_one(tmp_path):
+    from conftest import free_port
 
-    TorchTrainer(_worker, train_loop_config={"out": str(tmp_path)}, torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="global-batch")).fit()
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     whole = _one_step_per_loss(0, 1)
     before = {k: v.detach() for k, v in _fresh_model().named_parameters() if v.requires_grad}
     for rank in (0, 1):

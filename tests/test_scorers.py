@@ -138,6 +138,7 @@ def test_imagereward_published_keys_load_and_batching_changes_nothing(tmp_path, 
         ImageReward(ImageRewardConfig(**{**cfg.__dict__, "weights": str(tmp_path / "broken.pt")}), "cpu")
 
 
+@pytest.mark.extended  # ~40 s; keeps the default suite under 12 minutes (.ci/run runs it after)
 def test_registry_by_import_path_and_errors_naming_the_key(tmp_path, monkeypatch, pics):
     s = make_scorer("plugin_scorers:redness", ScorerSettings(plugins={"plugin_scorers:redness": {"scale": 2}}))
     red = Image.new("RGB", (8, 8), (255, 0, 0))
