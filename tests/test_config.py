@@ -5,13 +5,7 @@ from pathlib import Path
 import pytest
 
 from sr_ray.app.registry import JOBS, resolve
-from sr_ray.core.config import (
-    PRESET_DIR,
-    ConfigError,
-    load_config,
-    preset_path,
-    to_dict,
-)
+from sr_ray.core.config import PRESET_DIR, ConfigError, load_config, preset_path, to_dict
 from sr_ray.reward.train import TrainRewardConfig
 
 ROOT = Path(__file__).resolve().parents[1]

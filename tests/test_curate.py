@@ -134,9 +134,7 @@ def test_rules_on_a_hand_built_log(hand_curated):
     assert card["counts"] == json.loads(json.dumps(c))
     assert (Path(out) / "REPORT.md").read_text().startswith("# Curated triplets")
     assert (Path(out) / "distributions.png").read_bytes()[:4] == b"\x89PNG"
-    from PIL import (
-        Image,  # paper Fig. 2: a row per kept prompt (at most 6), popular left, unpopular right
-    )
+    from PIL import Image  # paper Fig. 2: a row per kept prompt (at most 6), popular left, unpopular right
     grid = Image.open(Path(out) / "triplets.png")
     first = sorted({t[3] for t in got}, key=["train", "val", "test"].index)[0]
     n = len({t[0] for t in got if t[3] == first})

@@ -9,14 +9,7 @@ import torch
 from sr_ray.core import storage
 from sr_ray.core.config import to_dict
 from sr_ray.demo.data import DemoConfig, ensure_demo_data, make_triplets, write_split
-from sr_ray.reward.data import (
-    DataConfig,
-    DataError,
-    TripletPreprocessor,
-    preflight,
-    prompt_id,
-    split_info,
-)
+from sr_ray.reward.data import DataConfig, DataError, TripletPreprocessor, preflight, prompt_id, split_info
 from sr_ray.reward.model import ModelConfig, RewardModel, build_clip
 from sr_ray.reward.score import pairwise_accuracy
 

@@ -3,13 +3,7 @@
 import pytest
 import torch
 
-from sr_ray.reward.model import (
-    ModelConfig,
-    RewardModel,
-    build_clip,
-    count_params,
-    freeze,
-)
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, count_params, freeze
 
 
 def block(w: int) -> int:

@@ -8,14 +8,7 @@ import pytest
 import torch
 
 from sr_ray.core.images import COLOURS, draw, encode_png
-from sr_ray.reward.model import (
-    ModelConfig,
-    RewardModel,
-    build_clip,
-    image_transform,
-    preprocess_cfg,
-    tokenizer,
-)
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 from sr_ray.reward.score import RewardScorer, load_model, save_model
 
 

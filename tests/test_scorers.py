@@ -14,17 +14,8 @@ from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 from sr_ray.eval.scorers.aesthetic import AestheticConfig, LaionAesthetic
 from sr_ray.eval.scorers.base import fetch_weights
 from sr_ray.eval.scorers.hps import HPS, HPSConfig, longest_side_transform
-from sr_ray.eval.scorers.imagereward import (
-    ImageReward,
-    ImageRewardConfig,
-    blip_tokenizer,
-)
-from sr_ray.eval.scorers.pickscore import (
-    PickScore,
-    PickScoreConfig,
-    tiny_clip_config,
-    tiny_processor_dir,
-)
+from sr_ray.eval.scorers.imagereward import ImageReward, ImageRewardConfig, blip_tokenizer
+from sr_ray.eval.scorers.pickscore import PickScore, PickScoreConfig, tiny_clip_config, tiny_processor_dir
 
 PROMPTS = ["a red cat", "a blue house at night", "a red cat", "x"]
 

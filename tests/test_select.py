@@ -10,14 +10,7 @@ import pytest
 
 from sr_ray.core.config import ConfigError
 from sr_ray.demo.data import make_generations, make_regularization
-from sr_ray.generations.select import (
-    SelectConfig,
-    _best_worst,
-    held_out,
-    row_key,
-    select_pairs,
-    with_token,
-)
+from sr_ray.generations.select import SelectConfig, _best_worst, held_out, row_key, select_pairs, with_token
 from sr_ray.reward.data import DataError
 
 

@@ -3,13 +3,7 @@
 import numpy as np
 import pytest
 
-from sr_ray.core.stats import (
-    agreement,
-    pair_credit,
-    paired_difference,
-    pairwise_accuracy,
-    preference,
-)
+from sr_ray.core.stats import agreement, pair_credit, paired_difference, pairwise_accuracy, preference
 
 
 def test_tie_policies_and_unscored_pairs():

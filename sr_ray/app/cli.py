@@ -17,7 +17,8 @@ T = TypeVar("T")
 
 def parse_job_args(cls: type[T], argv: Sequence[str] | None, default_config: Path | None, doc: str,
                    job: str | None = None) -> T:
-    """``[--config FILE] [key=value ...]`` -> config; exits with status 2 and the key named on a bad one."""
+    """``[--config PRESET|FILE] [key=value ...]`` -> config (a bare name is one of ``job``'s presets); exits with
+    status 2 and the key named on a bad one."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config) if default_config else None,
                         help=f"a preset's name (e.g. paper) or a YAML file (default: {default_config})")

@@ -92,6 +92,8 @@ def run(name: str, argv: Sequence[str] | None, doc: str | None = None) -> dict[s
 def listing() -> str:
     """``sr-ray jobs``: every job, what it does, and its presets."""
     width = max(map(len, JOBS))
-    lines = [f"{n:<{width}}  {j.what}" + (f"  [presets: {', '.join(preset_names(n))}]" if preset_names(n) else "")
-             for n, j in JOBS.items()]
+    lines = []
+    for n, j in JOBS.items():
+        presets = preset_names(n)
+        lines.append(f"{n:<{width}}  {j.what}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
     return "\n".join(lines + ["", f"presets live in {PRESET_DIR}/<job>/<name>.yaml; --config takes a name or a file"])

@@ -136,11 +136,7 @@ def bench_score(cfg: BenchScoreConfig) -> dict:
 
     from sr_ray.core.ray_utils import init_ray
     from sr_ray.demo.data import ensure_demo_generations
-    from sr_ray.generations.score import (
-        ScoreConfig,
-        checkpoint_model_config,
-        score_generations,
-    )
+    from sr_ray.generations.score import ScoreConfig, checkpoint_model_config, score_generations
 
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     checkpoint = _checkpoint(cfg)

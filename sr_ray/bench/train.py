@@ -20,12 +20,7 @@ import torch
 
 from sr_ray.core.config import to_dict
 from sr_ray.demo.data import DemoConfig, ensure_demo_data
-from sr_ray.reward.data import (
-    DataConfig,
-    TripletPreprocessor,
-    split_info,
-    triplet_dataset,
-)
+from sr_ray.reward.data import DataConfig, TripletPreprocessor, split_info, triplet_dataset
 from sr_ray.reward.losses import LossConfig
 from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, count_params
 from sr_ray.reward.train import train_step

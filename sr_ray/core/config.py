@@ -20,9 +20,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
-from sr_ray.core.errors import (
-    ConfigError,  # re-exported: jobs and tests import it from here
-)
+from sr_ray.core.errors import ConfigError  # re-exported: jobs and tests import it from here
 from sr_ray.core.storage import credential_problem, redact
 
 T = TypeVar("T")

@@ -40,13 +40,7 @@ class ClipZeroShotNSFW:
                  unsafe: str = "an explicit nsfw image", safe: str = "a safe for work image"):
         import torch
 
-        from sr_ray.reward.model import (
-            ModelConfig,
-            build_clip,
-            image_transform,
-            preprocess_cfg,
-            tokenizer,
-        )
+        from sr_ray.reward.model import ModelConfig, build_clip, image_transform, preprocess_cfg, tokenizer
 
         cfg = ModelConfig(name=model_name, pretrained=pretrained)
         self.torch = torch

@@ -185,12 +185,7 @@ def ensure_demo_finetune_set(overrides: dict | None = None, token: str = special
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sr_ray.demo.data import (
-        cached_dir,
-        demo_params,
-        make_generations,
-        make_regularization,
-    )
+    from sr_ray.demo.data import cached_dir, demo_params, make_generations, make_regularization
 
     p, key = demo_params(DEMO_DEFAULTS, overrides, "fine-tune set")
     root = Path(os.path.expanduser(p["cache_dir"])) / f"finetune-set-{key}"

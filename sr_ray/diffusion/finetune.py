@@ -30,30 +30,12 @@ import numpy as np
 import torch
 
 from sr_ray.core import identity, special_token, storage
-from sr_ray.core.config import (
-    ConfigError,
-    dump_yaml,
-    from_dict,
-    load_config,
-    preset_path,
-    to_dict,
-)
+from sr_ray.core.config import ConfigError, dump_yaml, from_dict, load_config, preset_path, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.logs import setup_logging
 from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
-from sr_ray.diffusion.components import (
-    SDModelConfig,
-    check_model,
-    load_components,
-    pipeline,
-    prepare_model,
-)
-from sr_ray.diffusion.data import (
-    FinetuneDataConfig,
-    ensure_demo_finetune_set,
-    finetune_dataset,
-    preflight,
-)
+from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
+from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
 from sr_ray.reward.train import Reducer
 
 log = logging.getLogger(__name__)

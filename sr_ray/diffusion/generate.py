@@ -244,12 +244,7 @@ def load_pipeline(uri: str):
     """A ``StableDiffusionPipeline`` with a DDIM sampler, no safety checker, on the CPU in fp32."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sr_ray.diffusion.components import (
-        BUILT_IN,
-        SDModelConfig,
-        load_components,
-        pipeline,
-    )
+    from sr_ray.diffusion.components import BUILT_IN, SDModelConfig, load_components, pipeline
 
     if uri in BUILT_IN:
         return pipeline(load_components(SDModelConfig(name=uri)))

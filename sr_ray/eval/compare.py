@@ -36,12 +36,7 @@ from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
 from sr_ray.diffusion.generate import ActorPoolConfig
 from sr_ray.eval import preference_sets
-from sr_ray.eval.scorers import (
-    ScorerSettings,
-    check_names,
-    make_scorer,
-    weights_fingerprint,
-)
+from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 
 log = logging.getLogger(__name__)
 

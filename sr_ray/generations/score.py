@@ -41,12 +41,7 @@ from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
-from sr_ray.eval.scorers import (
-    ScorerSettings,
-    check_names,
-    make_scorer,
-    weights_fingerprint,
-)
+from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 from sr_ray.reward.data import preprocessing, read_image_bytes
 
 log = logging.getLogger(__name__)

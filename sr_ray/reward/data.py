@@ -25,9 +25,7 @@ import pyarrow.parquet as pq
 
 from sr_ray.core import images, parquet, storage
 from sr_ray.core.config import from_dict, to_dict
-from sr_ray.core.errors import (
-    DataError,  # re-exported: stages and tests import it from here
-)
+from sr_ray.core.errors import DataError  # re-exported: stages and tests import it from here
 from sr_ray.core.limits import DEFAULT_LIMITS, InputLimits, clean_prompt, prompt_problem
 from sr_ray.demo.data import DemoConfig
 

@@ -17,14 +17,7 @@ import torch
 
 from sr_ray.core import identity, images, stats, storage
 from sr_ray.core.errors import DataError
-from sr_ray.reward.model import (
-    ModelConfig,
-    RewardModel,
-    build_clip,
-    image_transform,
-    preprocess_cfg,
-    tokenizer,
-)
+from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
 MODEL_FILE = "model.pt"
 

@@ -27,27 +27,10 @@ from sr_ray.core import identity, storage
 from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.core.logs import setup_logging
 from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
-from sr_ray.reward.data import (
-    DataConfig,
-    DataError,
-    preflight,
-    resolve_splits,
-    triplet_dataset,
-)
+from sr_ray.reward.data import DataConfig, DataError, preflight, resolve_splits, triplet_dataset
 from sr_ray.reward.losses import LossConfig, compute_loss, global_batch_loss
-from sr_ray.reward.model import (
-    ModelConfig,
-    RewardModel,
-    activation_problem,
-    build_clip,
-    count_params,
-)
-from sr_ray.reward.score import (
-    MODEL_FILE,
-    evaluate_split,
-    pairwise_accuracy,
-    save_model,
-)
+from sr_ray.reward.model import ModelConfig, RewardModel, activation_problem, build_clip, count_params
+from sr_ray.reward.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
 
 log = logging.getLogger(__name__)
 

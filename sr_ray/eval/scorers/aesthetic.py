@@ -77,12 +77,7 @@ class LaionAesthetic:
     name = "laion_aesthetic"
 
     def __init__(self, cfg: AestheticConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):
-        from sr_ray.reward.model import (
-            ModelConfig,
-            build_clip,
-            image_transform,
-            preprocess_cfg,
-        )
+        from sr_ray.reward.model import ModelConfig, build_clip, image_transform, preprocess_cfg
 
         self.device, self.bf16, self.batch_size = device_of(device), bf16, batch_size
         mcfg = ModelConfig(name=cfg.clip_model,

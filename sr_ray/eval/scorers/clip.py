@@ -11,14 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sr_ray.eval.scorers.base import (
-    check_batch,
-    device_of,
-    fetch_weights,
-    random_weights_warning,
-    rgb,
-    seeded,
-)
+from sr_ray.eval.scorers.base import check_batch, device_of, fetch_weights, random_weights_warning, rgb, seeded
 
 
 @dataclass

@@ -84,12 +84,7 @@ class HPS:
     name = "hpsv2"
 
     def __init__(self, cfg: HPSConfig, device: str | None = None, batch_size: int = 32, bf16: bool = True):
-        from sr_ray.reward.model import (
-            ModelConfig,
-            build_clip,
-            preprocess_cfg,
-            tokenizer,
-        )
+        from sr_ray.reward.model import ModelConfig, build_clip, preprocess_cfg, tokenizer
 
         self.device, self.bf16, self.batch_size = device_of(device), bf16, batch_size
         key = "hpsv21.weights" if cfg.version == "2.1" else "hpsv2.weights"

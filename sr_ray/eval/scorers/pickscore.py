@@ -19,15 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sr_ray.eval.scorers.base import (
-    autocast,
-    device_of,
-    fetch_weights,
-    in_batches,
-    random_weights_warning,
-    rgb,
-    seeded,
-)
+from sr_ray.eval.scorers.base import autocast, device_of, fetch_weights, in_batches, random_weights_warning, rgb, seeded
 
 PAPER_MODEL = "yuvalkirstain/PickScore_v1"
 PAPER_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
