@@ -137,7 +137,7 @@ def test_job_rejects_unknown_key_before_ray_starts(monkeypatch, capsys):
     import sr_ray.reward.train
     from jobs import train_reward  # noqa: F401  (jobs/ is importable from the repo root)
 
-    monkeypatch.setattr(sr_ray.reward.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sr_ray.reward.train, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     with pytest.raises(SystemExit) as e:
         train_reward.main(["model.nmae=ViT-B-32"])
     assert e.value.code == 2
@@ -148,7 +148,7 @@ def test_job_rejects_bad_data_uri_before_ray_starts(monkeypatch, tmp_path):
     import sr_ray.reward.train
     from jobs import train_reward
 
-    monkeypatch.setattr(sr_ray.reward.train, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sr_ray.reward.train, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     with pytest.raises(SystemExit) as e:
         train_reward.main([f"data.train={tmp_path}/nope", f"run.storage_path={tmp_path}"])
     assert "data.train=" in str(e.value.code) and "no such file or folder" in str(e.value.code)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sr_ray.core.config import ConfigError
+from sr_ray.demo.prompts import ensure_demo_prompt_files
 from sr_ray.diffusion.generate import (
     GenComputeConfig,
     GenerateConfig,
@@ -106,8 +107,12 @@ def test_prompt_files_of_every_format_and_bad_ones_named(tmp_path):
         load_prompt_sets([str(tmp_path / "empty.txt")])
     with pytest.raises(ConfigError, match="missing.txt does not exist"):
         load_prompt_sets([str(tmp_path / "missing.txt")])
-    demo = load_prompt_sets([])
+    with pytest.raises(ConfigError, match="no prompt file given"):  # the stage; the job fills in the demo's
+        load_prompt_sets([])
+    files = ensure_demo_prompt_files(str(tmp_path / "cache"))
+    demo = load_prompt_sets(list(files.values()))
     assert set(demo) == {"internal", "general"} and all(len(set(v)) == len(v) == 12 for v in demo.values())
+    assert ensure_demo_prompt_files(str(tmp_path / "cache")) == files  # written once
 
 
 def test_models_and_metrics_checked_before_any_work(tmp_path):
@@ -258,20 +263,26 @@ def test_generation_job_alone_writes_the_generations_contract_and_notices_retrai
         generate(cfg)
 
 
-def test_a_fine_tuning_runs_held_out_prompts_are_the_internal_set(tmp_path):
+def test_a_fine_tuning_runs_held_out_prompts_are_the_internal_set(tmp_path, monkeypatch):
+    from sr_ray.app import defaults
     from sr_ray.eval.t2i import prompt_sets
+
+    monkeypatch.setattr(defaults, "ensure_demo_prompt_files", lambda: ensure_demo_prompt_files(str(tmp_path / "c")))
+    job = lambda **kw: defaults.evaluation_inputs(EvaluateT2IConfig(metrics=["clip"], **kw))  # noqa: E731
 
     (tmp_path / "ftset").mkdir()
     (tmp_path / "ftset" / "internal.jsonl").write_text('{"prompt": "held one"}\n{"prompt": "held two"}\n')
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(f"data:\n  train: {tmp_path / 'ftset'}\n")
     (tmp_path / "parti.txt").write_text("a bond\n")
-    files, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run")))
-    assert sets["internal"] == ["held one", "held two"] and len(sets["general"]) == 12  # the demo's general set
+    files, sets = prompt_sets(job(finetuned=str(tmp_path / "run")))  # the job adds the demo's general set
+    assert sets["internal"] == ["held one", "held two"] and len(sets["general"]) == 12
+    _, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run")))  # the stage: what it is given
+    assert sets == {"internal": ["held one", "held two"]}
     files, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run"), prompts=[str(tmp_path / "parti.txt")]))
     assert files[0].endswith("internal.jsonl") and sets == {"internal": ["held one", "held two"], "parti": ["a bond"]}
     (tmp_path / "internal.txt").write_text("mine\n")  # an internal set given wins
     _, sets = prompt_sets(EvaluateT2IConfig(finetuned=str(tmp_path / "run"), prompts=[str(tmp_path / "internal.txt")]))
     assert sets == {"internal": ["mine"]}
-    _, sets = prompt_sets(EvaluateT2IConfig(finetuned="stabilityai/stable-diffusion-2-1-base"))  # no run record
+    _, sets = prompt_sets(job(finetuned="stabilityai/stable-diffusion-2-1-base"))  # no run record: both demo sets
     assert set(sets) == {"internal", "general"} and "held one" not in sets["internal"]

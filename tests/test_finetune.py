@@ -182,7 +182,7 @@ def test_killed_worker_resumes_from_the_deepspeed_checkpoint(ray_cluster, tmp_pa
     assert (tmp_path / "runs" / "kill" / ".fault_injected").exists()
 
 
-def test_demo_yaml_is_the_embedded_demo_config_and_the_tiny_vae_reconstructs():
+def test_the_tiny_vae_reconstructs_demo_pictures():
     """The tiny VAE is fitted (a random one decodes everything to noise): a demo picture comes back close,
     unit-variance latents."""
     from sr_ray.core import images

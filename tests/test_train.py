@@ -16,11 +16,12 @@ import pytest
 import yaml
 from conftest import FAKE_SECRET, ROOT, load_train_config, small_overrides
 
+from sr_ray.app.defaults import train_reward  # the job: fills in the demo splits
 from sr_ray.core import storage
 from sr_ray.core.config import ConfigError, load_config
 from sr_ray.demo.data import DemoConfig, ensure_demo_data, make_triplets
 from sr_ray.reward.data import DataError
-from sr_ray.reward.train import TrainRewardConfig, train_reward
+from sr_ray.reward.train import TrainRewardConfig
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,7 @@ def _upload(local: str, uri: str) -> None:
     pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+@pytest.mark.extended  # ~1 min; S3 in and out stays in the default suite through curation and selection
 def test_train_from_s3_to_s3(ray_cluster, tmp_path, demo_cache, s3_bucket, capfd):
     splits = ensure_demo_data(DemoConfig(source="synthetic", cache_dir=demo_cache, train=320, val=64, test=64, rows_per_shard=160))
     for split, local in splits.items():

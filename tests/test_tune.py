@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from sr_ray.app.defaults import tune_reward  # the job: fills in the demo splits
 from sr_ray.core.config import ConfigError, load_config, to_dict
-from sr_ray.reward.tune import TuneRewardConfig, check_search, concurrency, tune_reward
+from sr_ray.reward.tune import TuneRewardConfig, check_search, concurrency
 
 JOB = ROOT / "jobs" / "tune_reward.py"
 

@@ -1,7 +1,8 @@
 """Every job by name: its config class, its function, its presets, and one way to run it.
 
 ``jobs/<name>.py`` and ``sr-ray <name>`` both come here. The stages are imported only when a job runs, so
-``sr-ray jobs`` answers without loading torch or Ray.
+``sr-ray jobs`` answers without loading torch or Ray. A chained job runs through :mod:`sr_ray.app.defaults`,
+which fills an input not given with the demo chain before the stage runs.
 """
 
 from __future__ import annotations
@@ -22,27 +23,29 @@ class Job:
     """One line for ``sr-ray jobs``."""
     table: str | None = None
     """A benchmark's ``module:format_table``, printed before the summary."""
+    chained: bool = False
+    """Run through :mod:`sr_ray.app.defaults` (same name), which fills missing inputs with the demo chain."""
 
 
 JOBS: dict[str, Job] = {
     "curate_dataset": Job("sr_ray.curation.curate:CurateConfig:curate",
-                          "platform log -> triplet shards with the paper's rules (+ data card)"),
+                          "platform log -> triplet shards with the paper's rules (+ data card)", chained=True),
     "train_reward": Job("sr_ray.reward.train:TrainRewardConfig:train_reward",
-                        "fine-tune CLIP on triplets with Ray Train -> a reward checkpoint"),
+                        "fine-tune CLIP on triplets with Ray Train -> a reward checkpoint", chained=True),
     "tune_reward": Job("sr_ray.reward.tune:TuneRewardConfig:tune_reward",
-                       "Ray Tune sweep of the training job (Table 7)"),
+                       "Ray Tune sweep of the training job (Table 7)", chained=True),
     "score_generations": Job("sr_ray.generations.score:ScoreConfig:score_generations",
-                             "batch-score users' generations with a reward model"),
+                             "batch-score users' generations with a reward model", chained=True),
     "select_pairs": Job("sr_ray.generations.select:SelectConfig:select_pairs",
-                        "best/worst image per prompt + regularization -> the fine-tune set"),
+                        "best/worst image per prompt + regularization -> the fine-tune set", chained=True),
     "finetune_sd": Job("sr_ray.diffusion.finetune:FinetuneSDConfig:finetune_sd",
-                       "fine-tune Stable Diffusion on the fine-tune set (Ray Train + DeepSpeed)"),
+                       "fine-tune Stable Diffusion on the fine-tune set (Ray Train + DeepSpeed)", chained=True),
     "generate": Job("sr_ray.diffusion.generate:GenerateConfig:generate",
-                    "images for prompt sets from one or more SD models"),
+                    "images for prompt sets from one or more SD models", chained=True),
     "evaluate_t2i": Job("sr_ray.eval.t2i:EvaluateT2IConfig:evaluate_t2i",
-                        "baseline vs fine-tuned under six metrics (Tables 5-6)"),
+                        "baseline vs fine-tuned under six metrics (Tables 5-6)", chained=True),
     "compare_rewards": Job("sr_ray.eval.compare:CompareConfig:compare_rewards",
-                           "reward models' pairwise accuracy on preference sets (Tables 3-4)"),
+                           "reward models' pairwise accuracy on preference sets (Tables 3-4)", chained=True),
     "rank_images": Job("sr_ray.eval.figures:RankImagesConfig:rank_images",
                        "one prompt's images ranked by a scorer, as a picture (Figs. 6/9)"),
     "verify_scorers": Job("sr_ray.bench.verify_scorers:VerifyScorersConfig:verify_scorers",
@@ -75,7 +78,8 @@ def resolve(name: str) -> tuple[type, Callable[[Any], dict], Callable | None]:
     if job is None:
         raise KeyError(f"no job {name!r}; jobs: {sorted(JOBS)}")
     module, cls, fn = job.target.split(":")
-    return _attr(f"{module}:{cls}"), _attr(f"{module}:{fn}"), _attr(job.table) if job.table else None
+    run = _attr(f"sr_ray.app.defaults:{name}") if job.chained else _attr(f"{module}:{fn}")
+    return _attr(f"{module}:{cls}"), run, _attr(job.table) if job.table else None
 
 
 def default_preset(name: str):

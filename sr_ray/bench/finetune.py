@@ -51,7 +51,7 @@ class BenchFinetuneConfig:
 def bench_finetune(cfg: BenchFinetuneConfig) -> dict:
     from sr_ray.core.config import from_dict, set_dotted, to_dict
     from sr_ray.core.ray_utils import init_ray
-    from sr_ray.diffusion.data import ensure_demo_finetune_set
+    from sr_ray.demo.data import ensure_demo_finetune_set
     from sr_ray.diffusion.finetune import FinetuneSDConfig, finetune_sd
 
     data = cfg.data or ensure_demo_finetune_set()

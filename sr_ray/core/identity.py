@@ -60,6 +60,24 @@ def write_record(uri: str, record: Mapping[str, Any], endpoint: str | None = Non
     storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str), endpoint)
 
 
+def same_settings(folder: str, record_name: str, settings: Mapping[str, Any], what: str,
+                  endpoint: str | None = None, write: bool = True) -> dict[str, Any] | None:
+    """One folder, one set of settings (a fine-tune set's, a generations folder's): ``settings`` are recorded in
+    ``<folder>/<record_name>`` the first time (``write``); a later run into the folder whose settings differ is
+    refused, naming the keys. Returns the earlier record (None for a new folder); its other keys are the
+    caller's (generation keeps per-model fingerprints there)."""
+    marker = storage.join(folder, record_name)
+    before = read_record(marker, endpoint)
+    if before is not None:
+        diff = differing_keys({k: before.get(k) for k in settings}, settings)
+        if diff:
+            raise ConfigError(f"out={storage.redact(folder)} holds {what} made with other settings or inputs "
+                              f"({describe(diff)} differ); choose another out or delete it")
+    elif write:
+        write_record(marker, settings, endpoint)
+    return before
+
+
 def content_hash(path: str) -> str:
     """sha256 of a local file's bytes (a checkpoint: a re-trained one at the same path hashes differently)."""
     h = hashlib.sha256()

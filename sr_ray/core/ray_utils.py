@@ -6,6 +6,7 @@ import collections
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -141,3 +142,28 @@ def worker_prints_to_stderr() -> None:
     import sys
 
     sys.stdout = sys.stderr
+
+
+@dataclass
+class ActorPoolConfig:
+    """An actor pool of a ``map_batches`` stage: the one shape of generation's, the T2I evaluation's and the
+    comparison's pools (each job's subclass sets its defaults and adds its keys)."""
+
+    num_actors: int = 1
+    """Actors (one GPU each with use_gpu)."""
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+    batch_size: int = 8
+    """Images per model call."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ValueError("batch_size and num_actors must be >= 1")
+
+    def map_kwargs(self) -> dict[str, Any]:
+        """``compute``, ``num_cpus`` and ``num_gpus`` of ``Dataset.map_batches`` for this pool."""
+        import ray.data
+
+        return {"compute": ray.data.ActorPoolStrategy(size=self.num_actors), "num_cpus": self.cpus_per_actor,
+                "num_gpus": self.gpus_per_actor if self.use_gpu else 0}

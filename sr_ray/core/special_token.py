@@ -19,6 +19,9 @@ SET_FILE = "finetune_set.json"
 """Beside a fine-tune set's shards: {"special_token": ...}."""
 PIPELINE_FILE = "sr_ray.json"
 """Inside a fine-tuned diffusers pipeline folder: {"special_token": ...}."""
+HELD_OUT_FILE = "internal.jsonl"
+"""Beside a fine-tune set's shards: the prompts selection held out of it (``{"prompt": ...}`` lines), which
+``evaluate_t2i`` uses as the internal prompt set of a run trained on that set (the other side file)."""
 
 
 def write(folder: str, name: str, token: str, endpoint: str | None = None) -> None:

@@ -44,7 +44,6 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,7 @@ import pyarrow.compute as pc
 
 from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import to_dict
-from sr_ray.core.errors import DataError
+from sr_ray.core.errors import ConfigError, DataError
 from sr_ray.core.limits import InputLimits
 from sr_ray.core.ray_utils import init_ray
 from sr_ray.curation.datacard import table1_ratios
@@ -74,7 +73,8 @@ VIEW_BINS = np.concatenate([[0.0], np.logspace(0, 9, 91)])  # plot histograms of
 @dataclass
 class CurateConfig:
     log: str | None = None
-    """Platform log: a folder or file of Parquet shards, local or s3://. Null: simulate a community."""
+    """Platform log: a folder or file of Parquet shards, local or s3://. Null (the job, not this function):
+    simulate a community (``community``) into ``demo_cache_dir`` and curate that."""
     out: str | None = None
     """Output folder (local or s3://): train/ val/ test/ shards, datacard.json, REPORT.md, plot."""
     s3_endpoint: str | None = None
@@ -113,8 +113,9 @@ class CurateConfig:
     ray_address: str | None = None
     """Ray cluster to join (default: RAY_ADDRESS, else a new local one)."""
     community: CommunityConfig = field(default_factory=CommunityConfig)
-    """The simulated community used when ``log`` is null."""
+    """The simulated community the job curates when ``log`` is null (sr_ray.app.defaults)."""
     demo_cache_dir: str = "~/.cache/sr-ray/community"
+    """Where the job keeps simulated communities and their curated triplets (cached by parameters)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.top_fraction <= 1:
@@ -461,17 +462,6 @@ def _progress(stage: str, t0: float, **kv) -> None:
     log.info("[curate] %s done in %.1fs %s", stage, time.perf_counter() - t0, extra)
 
 
-def demo_paths(cfg: CurateConfig) -> tuple[str, str]:
-    """(log URI, out URI) of the simulated community and its curated triplets, cached by parameters."""
-    from sr_ray.demo.community import config_hash
-
-    root = str(Path(cfg.demo_cache_dir).expanduser().resolve())
-    c = to_dict(cfg.community)
-    rules = rules_of(cfg)
-    return (storage.join(root, f"community-{config_hash(c)}"),
-            storage.join(root, f"community-{config_hash(c)}", f"triplets-{config_hash(rules)}"))
-
-
 def curation_identity(cfg: CurateConfig, files: list[parquet.ParquetFile]) -> dict[str, Any]:
     """What decides an out folder's content: the rules and the log (every file's URI, size and mtime)."""
     return {"rules": rules_of(cfg), "log": [f.identity() for f in files]}
@@ -497,30 +487,17 @@ def _score_nsfw(cfg: CurateConfig, files: list[parquet.ParquetFile], out: str) -
     return parquet.inspect_files(scored, "scored platform log", cfg.s3_endpoint)
 
 
-def _inputs(cfg: CurateConfig) -> tuple[str, str, list[parquet.ParquetFile] | None, bool]:
-    """(log URI, out URI, log files (None for a demo still to simulate), has nsfw_score), checked before Ray."""
+def _inputs(cfg: CurateConfig) -> tuple[str, str, list[parquet.ParquetFile], bool]:
+    """(log URI, out URI, log files, has nsfw_score), checked before Ray."""
     log_uri, out = cfg.log, cfg.out
     if log_uri is None:
-        community_dir, demo_out = demo_paths(cfg)
-        out = out or demo_out
-        log_uri = storage.join(community_dir, "log")
+        raise ConfigError("log= is required: the platform log, a folder or file of Parquet shards (local or s3://); "
+                          "the job (sr-ray curate_dataset) simulates a demo community when none is given")
     if out is None:
         raise DataError("out= is required when log= is given (a local folder or s3://bucket/prefix)")
     storage.check_output_dir(out, "out", cfg.s3_endpoint)
-    if cfg.log is None:
-        return log_uri, out, None, False
     files, has_nsfw = check_log(log_uri, cfg.s3_endpoint)  # before Ray starts: bad input fails fast
     return log_uri, out, files, has_nsfw
-
-
-def _cached_demo(cfg: CurateConfig, out: str) -> dict[str, Any] | None:
-    card = storage.join(out, "datacard.json")
-    if cfg.log is None and storage.exists(card, cfg.s3_endpoint):  # the demo community, already curated
-        done = json.loads(storage.read_bytes(card, cfg.s3_endpoint))
-        if {k: done["config"].get(k) for k in RULE_KEYS} == rules_of(cfg):
-            log.info("[curate] demo triplets cached in %s", out)
-            return done
-    return None
 
 
 def _pass1_all(ds, cfg: CurateConfig, common: dict, log_uri: str) -> dict[str, Any]:
@@ -662,19 +639,10 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
     import ray
 
     from sr_ray.curation.datacard import write_datacard
-    from sr_ray.demo.community import simulate
 
     wall0 = time.perf_counter()
     log_uri, out, files, has_nsfw = _inputs(cfg)
-    cached = _cached_demo(cfg, out)
-    if cached is not None:
-        return cached
     init_ray(cfg.ray_address)
-    if files is None:
-        t = time.perf_counter()
-        simulate(cfg.community, demo_paths(cfg)[0], cfg.s3_endpoint)
-        files, has_nsfw = check_log(log_uri, cfg.s3_endpoint)
-        _progress("simulate community", t, images=cfg.community.images)
     identity.claim(out, IDENTITY_FILE, curation_identity(cfg, files), f"out={storage.redact(out)}",
                    "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
     if cfg.nsfw_classifier:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sr_ray.core import images
+from sr_ray.core import images, special_token
+from sr_ray.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,13 @@ def write_split(out_dir: Path, cols: dict[str, list], rows_per_shard: int) -> No
 
 
 def ensure_demo_data(cfg: DemoConfig) -> dict[str, str]:
-    """Generate (once) and return ``{"train": dir, "val": dir, "test": dir}``.
+    """The synthetic source's splits, generated once: ``{"train": dir, "val": dir, "test": dir}``.
 
-    The community source runs Ray Data: call it with Ray initialised.
+    The community source is a simulated community curated by the curation stage: the application layer
+    chains the two (:func:`sr_ray.app.defaults.demo_splits`).
     """
-    if cfg.source == "community":
-        return _community_triplets(cfg)
+    if cfg.source != "synthetic":
+        raise ValueError(f"ensure_demo_data makes the synthetic source only, not {cfg.source!r}")
     synthetic = {k: v for k, v in asdict(cfg).items() if k not in ("source", "community_images",
                                                                    "max_pairs_per_prompt")}
     key = hashlib.sha1(json.dumps(synthetic | {"cache_dir": None, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
@@ -124,23 +127,7 @@ def cached_dir(root: Path, write, params: dict, what: str) -> None:
     try:
         os.replace(tmp, root)
     except OSError:  # another process won the race
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _community_triplets(cfg: DemoConfig) -> dict[str, str]:
-    from sr_ray.curation.curate import CurateConfig, curate
-    from sr_ray.demo.community import CommunityConfig
-
-    summary = curate(CurateConfig(
-        community=CommunityConfig(seed=cfg.seed, images=cfg.community_images, image_size=cfg.image_size),
-        max_pairs_per_prompt=cfg.max_pairs_per_prompt, rows_per_shard=cfg.rows_per_shard, seed=cfg.seed,
-        demo_cache_dir=str(Path(os.path.expanduser(cfg.cache_dir)) / "community")))
-    missing = [s for s in ("train", "val", "test") if s not in summary]
-    if missing:
-        raise RuntimeError(f"the demo community curated to no {missing} triplets; raise data.demo.community_images")
-    return {s: summary[s] for s in ("train", "val", "test")}
 
 
 GENERATIONS_DEFAULTS = {"prompts": 200, "images_per_prompt": 4, "image_size": 64, "seed": 0, "bad_rows": 3,
@@ -215,15 +202,14 @@ def make_regularization(rows: int, image_size: int, seed: int, bad_rows: int) ->
     return cols
 
 
-def demo_params(defaults: dict, overrides: dict | None, what: str) -> tuple[dict, str]:
-    """(the demo set's parameters: ``defaults`` updated by ``overrides``, a cache key of them); unknown keys refused."""
+def demo_params(defaults: dict, overrides: dict | None, what: str, **extra) -> tuple[dict, str]:
+    """(the demo set's parameters: ``defaults`` updated by ``overrides``, a cache key of them and of ``extra``);
+    unknown keys refused."""
     p = {**defaults, **(overrides or {})}
     unknown = set(p) - set(defaults)
     if unknown:
-        from sr_ray.core.config import ConfigError
-
         raise ConfigError(f"demo: unknown key(s) {sorted(unknown)} for the demo {what}; valid: {sorted(defaults)}")
-    key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1},
+    key = hashlib.sha1(json.dumps({k: v for k, v in p.items() if k != "cache_dir"} | {"v": 1} | extra,
                                   sort_keys=True).encode()).hexdigest()[:10]
     return p, key
 
@@ -241,4 +227,39 @@ def ensure_demo_regularization(overrides: dict | None = None) -> str:
             pq.write_table(table.slice(start, step), tmp / f"laion-demo-{k:05d}.parquet", row_group_size=64)
 
     cached_dir(root, write, p, "demo regularization set")
+    return str(root)
+
+
+FINETUNE_SET_DEFAULTS = {"prompts": 120, "image_size": 48, "seed": 0, "cache_dir": "~/.cache/sr-ray/demo"}
+
+
+def ensure_demo_finetune_set(overrides: dict | None = None, token: str = special_token.DEFAULT) -> str:
+    """A fine-tune set drawn in code (best: the prompt's colour; worst: another, with the token; regularization).
+
+    Cached by its parameters and the special token, which is recorded beside it as selection records it."""
+    p, key = demo_params(FINETUNE_SET_DEFAULTS, overrides, "fine-tune set", token=token)
+    root = Path(os.path.expanduser(p["cache_dir"])) / f"finetune-set-{key}"
+
+    def write(tmp: Path) -> None:
+        gen = make_generations(int(p["prompts"]), 2, int(p["image_size"]), int(p["seed"]), 0)
+        reg = make_regularization(int(p["prompts"]) * 2, int(p["image_size"]), int(p["seed"]) + 1, 0)
+        rows = {"prompt": [], "image": [], "source": [], "generation_id": []}
+        for g, prompt, img in zip(gen["generation_id"], gen["prompt"], gen["image"]):
+            best = g.endswith("-00")  # make_generations draws image 0 of a prompt in the prompt's colour
+            rows["prompt"].append(prompt if best else f"{prompt}, {token}")
+            rows["source"].append("best" if best else "worst")
+            rows["generation_id"].append(g)
+            rows["image"].append(img)
+        for i, (cap, img) in enumerate(zip(reg["caption"], reg["image"])):
+            rows["prompt"].append(cap)
+            rows["source"].append("regularization")
+            rows["generation_id"].append(f"reg:demo:{i}")
+            rows["image"].append(img)
+        t = pa.table(rows)
+        t = t.take(np.random.default_rng(int(p["seed"])).permutation(len(t)))
+        for k, s in enumerate(range(0, len(t), 160)):
+            pq.write_table(t.slice(s, 160), tmp / f"part-{k:05d}.parquet", row_group_size=64)
+        special_token.write(str(tmp), special_token.SET_FILE, token)
+
+    cached_dir(root, write, p, "demo fine-tune set")
     return str(root)

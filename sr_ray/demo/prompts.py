@@ -3,10 +3,13 @@ community's prompts) and "general" (another phrasing)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from sr_ray.core import images
-from sr_ray.demo.data import SUBJECTS, draw_prompt
+from sr_ray.demo.data import SUBJECTS, cached_dir, draw_prompt
 
 DEMO_SETS = {
     # like the demo community's prompts ("internal") and a different phrasing ("general")
@@ -35,3 +38,18 @@ def demo_prompt_sets(n: int = 12, seed: int = 0) -> dict[str, list[str]]:
                 seen.append(p)
         out[name] = seen
     return out
+
+
+def ensure_demo_prompt_files(cache_dir: str = "~/.cache/sr-ray/demo", n: int = 12, seed: int = 0) -> dict[str, str]:
+    """The demo prompt sets written (once) as ``<set>.txt`` files, one prompt per line: {set name: file}.
+
+    The jobs that read prompt files (generate, evaluate_t2i) are given these when no file is named."""
+    root = Path(os.path.expanduser(cache_dir)) / f"prompts-n{n}-s{seed}"
+    sets = demo_prompt_sets(n, seed)
+
+    def write(tmp: Path) -> None:
+        for name, prompts in sets.items():
+            (tmp / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+
+    cached_dir(root, write, {"n": n, "seed": seed}, "demo prompt sets")
+    return {name: str(root / f"{name}.txt") for name in sets}

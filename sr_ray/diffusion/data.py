@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sr_ray.core import images, parquet, special_token, storage
+from sr_ray.core import images, parquet, storage
 
 log = logging.getLogger(__name__)
 
@@ -172,44 +172,3 @@ def finetune_dataset(info: SetInfo, model_cfg: dict, cfg: FinetuneDataConfig, se
                             fn_constructor_kwargs={"model_cfg": model_cfg}, num_cpus=cfg.map_num_cpus,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.vae_actors)).materialize()
     return ds
-
-
-DEMO_DEFAULTS = {"prompts": 120, "image_size": 48, "seed": 0, "cache_dir": "~/.cache/sr-ray/demo"}
-
-
-def ensure_demo_finetune_set(overrides: dict | None = None, token: str = special_token.DEFAULT) -> str:
-    """A fine-tune set drawn in code (best: the prompt's colour; worst: another, with the token; regularization)."""
-    import os
-    from pathlib import Path
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from sr_ray.demo.data import cached_dir, demo_params, make_generations, make_regularization
-
-    p, key = demo_params(DEMO_DEFAULTS, overrides, "fine-tune set")
-    root = Path(os.path.expanduser(p["cache_dir"])) / f"finetune-set-{key}"
-
-    def write(tmp: Path) -> None:
-        gen = make_generations(int(p["prompts"]), 2, int(p["image_size"]), int(p["seed"]), 0)
-        reg = make_regularization(int(p["prompts"]) * 2, int(p["image_size"]), int(p["seed"]) + 1, 0)
-        rows = {"prompt": [], "image": [], "source": [], "generation_id": []}
-        for g, prompt, img in zip(gen["generation_id"], gen["prompt"], gen["image"]):
-            best = g.endswith("-00")  # make_generations draws image 0 of a prompt in the prompt's colour
-            rows["prompt"].append(prompt if best else f"{prompt}, {token}")
-            rows["source"].append("best" if best else "worst")
-            rows["generation_id"].append(g)
-            rows["image"].append(img)
-        for i, (cap, img) in enumerate(zip(reg["caption"], reg["image"])):
-            rows["prompt"].append(cap)
-            rows["source"].append("regularization")
-            rows["generation_id"].append(f"reg:demo:{i}")
-            rows["image"].append(img)
-        t = pa.table(rows)
-        t = t.take(np.random.default_rng(int(p["seed"])).permutation(len(t)))
-        for k, s in enumerate(range(0, len(t), 160)):
-            pq.write_table(t.slice(s, 160), tmp / f"part-{k:05d}.parquet", row_group_size=64)
-        special_token.write(str(tmp), special_token.SET_FILE, token)
-
-    cached_dir(root, write, p, "demo fine-tune set")
-    return str(root)

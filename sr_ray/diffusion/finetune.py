@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,21 +27,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sr_ray.core import identity, special_token, storage
-from sr_ray.core.config import ConfigError, dump_yaml, from_dict, load_config, preset_path, to_dict
+from sr_ray.core import identity, raytrain, special_token, storage
+from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
 from sr_ray.core.errors import DataError
-from sr_ray.core.logs import setup_logging
-from sr_ray.core.ray_utils import check_resources, init_ray, worker_prints_to_stderr
+from sr_ray.core.ray_utils import check_resources, init_ray
+from sr_ray.core.raytrain import IDENTITY_FILE, STATE_FILE, absolute_storage, run_dir, worker_bundle
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
-from sr_ray.diffusion.data import FinetuneDataConfig, ensure_demo_finetune_set, finetune_dataset, preflight
-from sr_ray.reward.train import Reducer
+from sr_ray.diffusion.data import FinetuneDataConfig, finetune_dataset, preflight
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.pt"
 DS_TAG = "ds"
-FAULT_MARKER = ".fault_injected"
-IDENTITY_FILE = "run_identity.json"
 # keys a resumed run may change: where and how fast it runs, how it reports; not what it learns
 OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.overwrite",
                "run.checkpoints_to_keep", "run.sample_every_steps", "run.sample_prompts", "run.sample_steps",
@@ -117,32 +111,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class FinetuneScalingConfig:
+class FinetuneScalingConfig(raytrain.ScalingConfig):
     num_workers: int = 2
-    use_gpu: bool = False
     cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 1.0
     max_failures: int = 1
-    """Worker failures survived by restarting from the latest checkpoint."""
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError("scaling.num_workers must be >= 1")
 
 
 @dataclass
-class FinetuneRunConfig:
+class FinetuneRunConfig(raytrain.RunConfig):
     SIGNED: ClassVar[tuple[str, ...]] = ("sample_every_steps",)  # -1: never
 
     name: str = "sd-finetune-demo"
-    """Run name; re-running with the same name, storage, settings and data resumes (anything else is refused)."""
-    overwrite: bool = False
-    """Delete an existing run of this name (other settings or data) and start it again."""
-    storage_path: str = "./runs"
+    log_every_steps: int = 5
     checkpoint_every_steps: int = 20
     """Checkpoint (through Ray Train) every N steps and at the end."""
-    checkpoints_to_keep: int = 2
-    log_every_steps: int = 5
     sample_every_steps: int = 0
     """Generate the sample prompts into TensorBoard every N steps (0: at the end only; -1: never)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["a red cat, watercolor", "a blue house, photo"])
@@ -153,9 +135,6 @@ class FinetuneRunConfig:
     by select_pairs), else ``t@y quality``. It is recorded in the saved pipeline for generation."""
     save_pipeline: bool = True
     """Write <run>/pipeline (diffusers save_pretrained) at the end."""
-    ray_address: str | None = None
-    fail_at_step: int = 0
-    """Fault injection for recovery tests: rank 0 exits once at this step (0: never)."""
 
 
 @dataclass
@@ -166,11 +145,6 @@ class FinetuneSDConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: FinetuneScalingConfig = field(default_factory=FinetuneScalingConfig)
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
-
-
-def demo_config() -> FinetuneSDConfig:
-    """The embedded default of ``jobs/finetune_sd.py``: its demo preset (tiny SD, ZeRO-2 over 2 CPU workers)."""
-    return load_config(FinetuneSDConfig, preset_path("finetune_sd", "demo"))
 
 
 class Denoiser(torch.nn.Module):
@@ -266,38 +240,31 @@ def save_pipeline(parts: dict[str, Any], denoiser: Denoiser, uri: str, token: st
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """Per-worker loop. ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
-    worker = _FinetuneWorker(config)
-    worker.run()
-    worker.finish()
+    """Per-worker loop (Ray Train). ``config``: {"cfg": dict, "steps_per_epoch": int, "run_dir": str}."""
+    raytrain.run_worker(FinetuneWorker, config)
 
 
-class _FinetuneWorker:
-    """One Ray Train worker of the fine-tune: its state, and the loop as named steps."""
+class FinetuneWorker(raytrain.Worker):
+    """One Ray Train worker of the fine-tune: components, DeepSpeed or DDP, samples, checkpoints, the pipeline."""
+
+    tag, unit, rows, config_class = "finetune", "samples", "fine-tune rows", FinetuneSDConfig
 
     def __init__(self, config: dict[str, Any]):
         import ray.train
-        import ray.train.torch
 
-        worker_prints_to_stderr()
-        setup_logging()
-        self.cfg = cfg = from_dict(FinetuneSDConfig, config["cfg"])
-        self.spe, self.rdir = int(config["steps_per_epoch"]), config["run_dir"]
-        self.total = cfg.optim.max_steps or self.spe * cfg.optim.epochs
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.per_worker = cfg.optim.batch_size // self.world
+        c = from_dict(FinetuneSDConfig, config["cfg"])
+        spe = int(config["steps_per_epoch"])
+        super().__init__(config, c.deepspeed.precision, c.optim.batch_size, c.optim.max_steps or spe * c.optim.epochs)
+        cfg = self.cfg
         torch.manual_seed(cfg.optim.seed + self.rank)
-        self.device = ray.train.torch.get_device()
-        self.bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto"
-                                                          and self.device.type == "cuda")
         self._build()
         self._resume()
-        self._open_tensorboard()
-        self.reduce = Reducer(self.device).sum
-        self.bad = self.seen = 0.0
-        self.last_loss, self.t_train, self.since_log, self.t_log = float("nan"), 0.0, 0, time.perf_counter()
-        self.start_step = self.step
+        counts = self.counts
+        self.open_tensorboard(
+            f"{self.world} workers, {self.device}, "
+            f"{f'DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}' if cfg.deepspeed.enabled else 'DDP'}, bf16={self.bf16}, "
+            f"trainable: unet {counts['unet']}, text encoder {counts['text_encoder']} (vae {counts['vae']}), "
+            f"{self.total_steps} steps, global batch {cfg.optim.batch_size}")
         self.shard = ray.train.get_dataset_shard("train")
 
     def _build(self) -> None:
@@ -339,42 +306,20 @@ class _FinetuneWorker:
     def _resume(self) -> None:
         import ray.train
 
-        self.step, self.resumed_from = 0, None
         ckpt = ray.train.get_checkpoint()
         if not ckpt:
             return
         with ckpt.as_directory() as d:
             if self.engine is not None:
                 _, client = self.engine.load_checkpoint(d, tag=DS_TAG)
-                self.step = int(client["step"])
+                step = int(client["step"])
             else:
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
                 self.core.load_state_dict(state["model"])
                 self.optim.load_state_dict(state["optimizer"])
                 self.sched.load_state_dict(state["scheduler"])
-                self.step = int(state["step"])
-        self.resumed_from = self.step
-        if self.rank == 0:
-            log.info("[finetune] resumed from checkpoint at step %d/%d", self.step, self.total)
-
-    def _open_tensorboard(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = self.local_tb = None
-        if self.rank != 0:
-            return
-        cfg, rdir, counts = self.cfg, self.rdir, self.counts
-        self.local_tb = Path(rdir) / "tensorboard" if not storage.is_s3(rdir) \
-            else Path(tempfile.mkdtemp()) / "tensorboard"
-        self.writer = SummaryWriter(str(self.local_tb), purge_step=self.step if self.step else None)
-        log.info("[finetune] %d workers, %s, %s, bf16=%s, trainable: unet %d, text encoder %d (vae %d), "
-                 "%d steps, global batch %d", self.world, self.device,
-                 f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "DDP", self.bf16,
-                 counts["unet"], counts["text_encoder"], counts["vae"], self.total, cfg.optim.batch_size)
-
-    def _upload_tensorboard(self) -> None:
-        if self.local_tb is not None and storage.is_s3(self.rdir):
-            storage.upload_dir(self.local_tb, storage.join(self.rdir, "tensorboard"))
+                step = int(state["step"])
+        self.resumed(step)
 
     def full_params(self):
         """Whole weights on every rank for the block: ZeRO-3 partitions them (every rank must enter)."""
@@ -398,16 +343,15 @@ class _FinetuneWorker:
         """Metrics summed over workers, and a checkpoint (every rank's ZeRO shard, or rank 0's state) to Ray Train."""
         import ray.train
 
-        cfg, step = self.cfg, self.step
-        nbad, nseen, loss_sum = self.reduce(self.bad, self.seen, self.last_loss)
+        step = self.step
+        nbad, nseen, loss_sum = self.reducer.sum(self.bad, self.seen, self.last_loss)
         metrics = {"step": step, "epoch": epoch, "loss": loss_sum / self.world, "bad_rows": int(nbad),
-                   "trainable_params": self.counts, "rows_seen": int(nseen),
-                   "samples_per_s": (step - self.start_step) * cfg.optim.batch_size / max(self.t_train, 1e-9),
+                   "trainable_params": self.counts, "rows_seen": int(nseen), "samples_per_s": self.rate(),
                    "lr": self.sched.get_last_lr()[0]}
         if self.resumed_from is not None:
             metrics["resumed_from_step"] = self.resumed_from
         if self.device.type == "cuda":
-            metrics["peak_gpu_mem_gb"] = self.reduce(torch.cuda.max_memory_allocated() / 2**30)[0] / self.world
+            metrics["peak_gpu_mem_gb"] = self.reducer.sum(torch.cuda.max_memory_allocated() / 2**30)[0] / self.world
         with tempfile.TemporaryDirectory() as tmp:
             report = None
             if self.engine is not None:  # every rank writes its ZeRO shard; Ray Train merges the ranks' folders
@@ -419,8 +363,7 @@ class _FinetuneWorker:
                 report = ray.train.Checkpoint.from_directory(tmp)
             if self.rank == 0:
                 Path(tmp, "meta.json").write_text(json.dumps(metrics, indent=1))
-                self.writer.flush()
-                self._upload_tensorboard()
+                self.upload_tensorboard()
             ray.train.report(metrics, checkpoint=report)
 
     def _train_step(self, batch: dict) -> None:
@@ -438,77 +381,29 @@ class _FinetuneWorker:
             self.sched.step()
         self.last_loss = float(loss.detach())
 
-    def _count_rows(self, batch: dict) -> None:
-        d = self.cfg.data
-        self.bad += self.per_worker - float(batch["valid"].sum())
-        self.seen += self.per_worker
-        if self.seen >= d.min_rows_for_bad_rate and self.bad / self.seen > d.max_bad_row_rate:
-            raise DataError(f"worker {self.rank}: {int(self.bad)} of {int(self.seen)} fine-tune rows "
-                            f"({self.bad / self.seen:.1%}) had unusable images, more than "
-                            f"data.max_bad_row_rate={d.max_bad_row_rate}")
-
-    def _inject_fault(self) -> None:
-        marker = storage.join(self.rdir, FAULT_MARKER)
-        if self.cfg.run.fail_at_step and self.step == self.cfg.run.fail_at_step and self.rank == 0 \
-                and not storage.exists(marker):
-            storage.write_text(marker, f"worker killed at step {self.step}\n")
-            time.sleep(5)  # past the controller's next poll, so the last reported checkpoint is registered
-            log.warning("[finetune] fault injection: worker exits at step %d", self.step)
-            os._exit(1)
-
-    def _log_progress(self, epoch: int) -> None:
-        cfg, step, total = self.cfg, self.step, self.total
-        if self.rank != 0 or not (step % cfg.run.log_every_steps == 0 or step == total):
-            return
-        dt = time.perf_counter() - self.t_log
-        sps = self.since_log * cfg.optim.batch_size / max(dt, 1e-9)
-        lr = self.sched.get_last_lr()[0]
-        for tag, value in (("train/loss", self.last_loss), ("train/lr", lr), ("train/samples_per_s", sps),
-                           ("train/bad_rows", self.bad)):
-            self.writer.add_scalar(tag, value, step)
-        log.info("[finetune] epoch %d  step %d/%d (%.0f%%)  loss %.4f  lr %.2e  %.1f samples/s  bad rows %d",
-                 epoch + 1, step, total, 100 * step / total, self.last_loss, lr, sps, int(self.bad))
-        self.since_log, self.t_log = 0, time.perf_counter()
-
     def _epoch(self, epoch: int) -> None:
-        cfg, spe = self.cfg, self.spe
-        skip = self.step - epoch * spe
-        it = iter(self.shard.iter_torch_batches(batch_size=self.per_worker, drop_last=True,
-                                                prefetch_batches=cfg.data.prefetch_batches))
-        for i in range(spe):
-            if self.step >= self.total:
-                break
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            if batch is None:
-                raise DataError(f"train shard of worker {self.rank} ran out after {i} of {spe} batches")
-            if i < skip:
-                continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+        cfg = self.cfg
+        for _, batch, t0 in self.batches(self.shard, epoch, prefetch_batches=cfg.data.prefetch_batches):
             batch = _to(batch, self.device)
-            self._count_rows(batch)
+            self.count_rows(batch["valid"])
             self._train_step(batch)
-            self.step += 1
-            self.since_log += 1
-            self.t_train += time.perf_counter() - t0
-            self._inject_fault()
-            self._log_progress(epoch)
+            self.advance(epoch, t0, self.sched.get_last_lr()[0])
             every = cfg.run.sample_every_steps
-            if every > 0 and self.step % every == 0 and self.step < self.total:
+            if every > 0 and self.step % every == 0 and self.step < self.total_steps:
                 self.samples()
-            if self.step % cfg.run.checkpoint_every_steps == 0 or self.step == self.total:
+            if self.step % cfg.run.checkpoint_every_steps == 0 or self.step == self.total_steps:
                 self.checkpoint(epoch)
-        del it
 
     def run(self) -> None:
         self.model.train()
-        epoch = self.step // self.spe if self.spe else 0
-        while self.step < self.total:
+        epoch = self.step // self.steps_per_epoch if self.steps_per_epoch else 0
+        while self.step < self.total_steps:
             self._epoch(epoch)
             epoch += 1
 
     def finish(self) -> None:
         """Samples of the final model, the saved pipeline, TensorBoard closed (and uploaded)."""
-        if self.cfg.run.sample_every_steps >= 0 and self.step > self.start_step:
+        if self.cfg.run.sample_every_steps >= 0 and self.step > self.steps_at_start:
             self.samples()
         if self.cfg.run.save_pipeline:
             with self.full_params():
@@ -516,18 +411,16 @@ class _FinetuneWorker:
                     save_pipeline(self.parts, self.core, storage.join(self.rdir, "pipeline"),
                                   self.cfg.run.negative_prompt)
                     log.info("[finetune] pipeline saved to %s", storage.join(self.rdir, "pipeline"))
-        if self.writer is not None:
-            self.writer.close()
-            self._upload_tensorboard()
+        self.close_tensorboard()
 
 
-def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
-    """Run the whole job; returns (and writes as ``summary.json``) the summary."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from sr_ray.reward.train import absolute_storage, run_dir, worker_bundle
-
+def prepare(cfg: FinetuneSDConfig) -> tuple[FinetuneSDConfig, Any, int]:
+    """Everything before the cluster trains: config and data checks, the special token, the run's identity,
+    ``config.yaml``. Returns (resolved config, the set's info, steps per epoch)."""
+    if cfg.data.train is None:
+        raise ConfigError("data.train is required: a fine-tune set (select_pairs' output, local or s3://); the job "
+                          "(sr-ray finetune_sd) uses the selection demo's output or a set drawn in code when none "
+                          "is given")
     check_model(cfg.model)
     storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
     prepare_model(cfg.model.name)
@@ -537,20 +430,12 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage > 0 and cfg.scaling.num_workers == 1:
         log.warning("[finetune] ZeRO-%d over one worker shards nothing", cfg.deepspeed.zero_stage)
     uri = cfg.data.train
-    if uri is None:
-        from sr_ray.generations.select import SelectConfig
-
-        selected = Path(SelectConfig().out)  # the selection demo's output, when it has run here
-        uri = str(selected.resolve()) if any(selected.glob("part-*.parquet")) else \
-            ensure_demo_finetune_set(cfg.data.demo, cfg.run.negative_prompt or special_token.DEFAULT)
     token = special_token.resolve(cfg.run.negative_prompt, special_token.read(uri, special_token.SET_FILE,
                                                                               cfg.data.s3_endpoint),
                                   "run.negative_prompt", f"the fine-tune set {storage.redact(uri)}")
-    cfg = replace(cfg, data=replace(cfg.data, train=uri),
-                  run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path), negative_prompt=token))
+    cfg = replace(cfg, run=replace(cfg.run, storage_path=absolute_storage(cfg.run.storage_path), negative_prompt=token))
     info = preflight(cfg.data, uri)
-    per_worker = cfg.optim.batch_size // cfg.scaling.num_workers
-    spe = (info.rows // cfg.scaling.num_workers) // per_worker
+    spe = (info.rows // cfg.scaling.num_workers) // (cfg.optim.batch_size // cfg.scaling.num_workers)
     if spe < 1:
         raise DataError(f"data.train has {info.rows} rows: fewer than one global batch of {cfg.optim.batch_size}")
     rdir = run_dir(cfg)
@@ -559,32 +444,13 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
                    f"run.name={cfg.run.name}", "run.overwrite=true", cfg.run.overwrite, cfg.data.s3_endpoint)
     storage.write_text(storage.join(rdir, "config.yaml"), dump_yaml(cfg))
     log.info("[finetune] run dir %s; fine-tune set %s: %d rows %s", rdir, uri, info.rows, info.sources)
+    return cfg, info, spe
 
-    fixed = init_ray(cfg.run.ray_address)
-    check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers,
-                    "the fine-tuning workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker)",
-                    fixed=fixed)
-    dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed)
-    resources = worker_bundle(cfg.scaling)
-    fs, storage_path = None, cfg.run.storage_path
-    if storage.is_s3(storage_path):
-        fs, storage_path = storage.resolve(storage_path, cfg.data.s3_endpoint)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": to_dict(cfg), "steps_per_epoch": spe, "run_dir": rdir},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
-        datasets={"train": dataset},
-    )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    m = result.metrics or {}
-    summary = {
+
+def summarize(cfg: FinetuneSDConfig, info, result, fs, wall: float) -> dict[str, Any]:
+    """The run's summary from Train's result (its last report)."""
+    rdir, m = run_dir(cfg), result.metrics or {}
+    return {
         "run_dir": rdir, "pipeline": storage.join(rdir, "pipeline") if cfg.run.save_pipeline else None,
         "checkpoint": storage.to_uri(result.checkpoint.path, fs is not None) if result.checkpoint else None,
         "steps": m.get("step"), "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
@@ -594,5 +460,18 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
         "deepspeed": f"ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else None,
         "workers": cfg.scaling.num_workers, "wall_s": round(wall, 1),
     }
-    storage.write_text(storage.join(rdir, "summary.json"), json.dumps(summary, indent=1))
+
+
+def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
+    """Run the whole job; returns (and writes as ``summary.json``) the summary."""
+    cfg, info, spe = prepare(cfg)
+    fixed = init_ray(cfg.run.ray_address)
+    check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers,
+                    "the fine-tuning workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker)",
+                    fixed=fixed)
+    dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed)
+    result, fs, wall = raytrain.fit(train_func, {"cfg": to_dict(cfg), "steps_per_epoch": spe,
+                                                 "run_dir": run_dir(cfg)}, cfg, {"train": dataset}, cfg.data.s3_endpoint)
+    summary = summarize(cfg, info, result, fs, wall)
+    storage.write_text(storage.join(run_dir(cfg), "summary.json"), json.dumps(summary, indent=1))
     return summary

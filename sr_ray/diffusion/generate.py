@@ -15,7 +15,7 @@ model directory (local or ``s3://``), a fine-tuning run directory (its
 
 Prompt sets: files, one set per file named by its stem: ``.txt`` (a prompt per
 line; blank lines and ``#`` comments skipped), ``.csv``/``.tsv``/``.parquet``/
-``.jsonl`` with a ``prompt`` column (any case). None: two demo sets drawn in code.
+``.jsonl`` with a ``prompt`` column (any case). None (the job, not this module): two demo sets drawn in code.
 
 Ray Data: a row per (prompt set, prompt) -> ``map_batches`` over an actor pool of
 ``ImageGenerator`` (each holds one model's pipeline; a GPU each with
@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sr_ray.core import images, special_token, storage
+from sr_ray.core import identity, images, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
-from sr_ray.demo.prompts import demo_prompt_sets
+from sr_ray.core.ray_utils import ActorPoolConfig
+from sr_ray.core.shards import ShardCollector
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +85,6 @@ class SamplingConfig:
 
 
 @dataclass
-class ActorPoolConfig:
-    """An actor pool of a ``map_batches`` stage (generation, evaluation scoring)."""
-
-    num_actors: int = 1
-    """Actors (one GPU each with use_gpu)."""
-    use_gpu: bool = False
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 1.0
-    batch_size: int = 8
-    """Images per model call."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_actors < 1:
-            raise ValueError("batch_size and num_actors must be >= 1")
-
-    def map_kwargs(self) -> dict[str, Any]:
-        """``compute``, ``num_cpus`` and ``num_gpus`` of ``Dataset.map_batches`` for this pool."""
-        import ray.data
-
-        return {"compute": ray.data.ActorPoolStrategy(size=self.num_actors), "num_cpus": self.cpus_per_actor,
-                "num_gpus": self.gpus_per_actor if self.use_gpu else 0}
-
-
-@dataclass
 class GenComputeConfig(ActorPoolConfig):
     prompts_per_shard: int = 16
     precision: str = "auto"
@@ -128,7 +105,7 @@ class GenerateConfig:
     models: dict[str, str] = field(default_factory=lambda: {"baseline": "tiny"})
     """name -> tiny | diffusers model dir (local or s3://) | fine-tuning run dir | hub id."""
     prompts: list[str] = field(default_factory=list)
-    """Prompt-set files (one set per file, named by its stem); empty: the demo sets."""
+    """Prompt-set files (one set per file, named by its stem); empty (the job): the demo sets."""
     max_prompts: int = 0
     """Use the first N prompts of each set (0: all)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -180,20 +157,20 @@ def read_prompt_file(uri: str, endpoint: str | None = None) -> list[str]:
 
 
 def load_prompt_sets(files: list[str], max_prompts: int = 0, endpoint: str | None = None) -> dict[str, list[str]]:
-    """{set name: prompts} from files (each set's duplicates dropped, order kept), or the demo sets."""
+    """{set name: prompts} from files (each set's duplicates dropped, order kept)."""
     if not files:
-        sets = demo_prompt_sets()
-    else:
-        sets = {}
-        for f in files:
-            name = Path(f).stem
-            if name in sets:
-                raise ConfigError(f"prompts: two files make the prompt set {name!r}; rename one")
-            if name.startswith((".", "_")):
-                raise ConfigError(f"prompts: {f}: a set name cannot start with '.' or '_'")
-            if not storage.is_s3(f) and not os.path.exists(os.path.expanduser(f)):
-                raise ConfigError(f"prompts: {f} does not exist")
-            sets[name] = list(dict.fromkeys(read_prompt_file(f, endpoint)))
+        raise ConfigError("prompts: no prompt file given (one set per file: .txt, .csv, .tsv, .parquet, .jsonl); "
+                          "the jobs (sr-ray generate, sr-ray evaluate_t2i) use the demo sets when none is given")
+    sets = {}
+    for f in files:
+        name = Path(f).stem
+        if name in sets:
+            raise ConfigError(f"prompts: two files make the prompt set {name!r}; rename one")
+        if name.startswith((".", "_")):
+            raise ConfigError(f"prompts: {f}: a set name cannot start with '.' or '_'")
+        if not storage.is_s3(f) and not os.path.exists(os.path.expanduser(f)):
+            raise ConfigError(f"prompts: {f} does not exist")
+        sets[name] = list(dict.fromkeys(read_prompt_file(f, endpoint)))
     if max_prompts:
         sets = {k: v[:max_prompts] for k, v in sets.items()}
     return sets
@@ -360,26 +337,15 @@ def model_fingerprint(uri: str, endpoint: str | None = None) -> str:
 
     if uri in BUILT_IN or not (storage.is_s3(uri) or os.path.isdir(os.path.expanduser(uri))):
         return uri
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(uri, endpoint)
-    infos = sorted((i.path[len(path):], i.size, i.mtime_ns or 0) for i in fs.get_file_info(
-        pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File)
-    return "files:" + hashlib.sha256(json.dumps(infos).encode()).hexdigest()[:16]
+    return identity.folder_fingerprint(uri, endpoint)
 
 
 def _check_out(cfg: GenerateConfig, settings: dict[str, Any], models: dict[str, str]) -> None:
     """One folder, one set of settings: a model added later is fine; other sampling or prompts, or a model whose
     source or weights changed since its images were made, is refused (naming it)."""
-    marker = storage.join(cfg.out, SETTINGS_FILE)
-    before = json.loads(storage.read_bytes(marker, cfg.s3_endpoint)) if storage.exists(marker, cfg.s3_endpoint) \
-        else None
+    before = identity.same_settings(cfg.out, SETTINGS_FILE, settings, "generations", cfg.s3_endpoint, write=False)
     now = {m: {"uri": u, "fingerprint": model_fingerprint(u, cfg.s3_endpoint)} for m, u in models.items()}
     if before is not None:
-        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if diff:
-            raise ConfigError(f"out={cfg.out} holds generations made with other settings {diff} (before, now); "
-                              f"choose another out or delete it")
         for m, v in now.items():
             old = before.get("models", {}).get(m)
             if old is not None and old != v:
@@ -388,7 +354,7 @@ def _check_out(cfg: GenerateConfig, settings: dict[str, Any], models: dict[str, 
                                   f"({old['uri']} -> {v['uri']}); choose another out, or delete "
                                   f"{storage.join(cfg.out, m)} to generate them again")
     stored = {**(before or {}), **settings, "models": {**((before or {}).get("models", {})), **now}}
-    storage.write_text(marker, json.dumps(stored, indent=1), cfg.s3_endpoint)
+    identity.write_record(storage.join(cfg.out, SETTINGS_FILE), stored, cfg.s3_endpoint)
 
 
 def plan(cfg: GenerateConfig, sets: dict[str, list[str]]) -> dict[str, list[dict]]:
@@ -413,7 +379,6 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
 
     ``sets``: the prompt sets of ``cfg`` when the caller has read them already (:func:`load_prompt_sets`).
     """
-    import pyarrow.compute as pc
     import ray.data
 
     from sr_ray.core.ray_utils import init_ray
@@ -445,27 +410,14 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
                                    "precision": c.precision, "torch_threads": c.torch_threads,
                                    "batch_size": c.batch_size, "negative": negatives[model]},
             **c.map_kwargs())
-        parts: dict[str, list] = {}
-        need = {s: len(rows) * n_img for s, rows in todo.items()}
-        total, done, t_model, last = sum(need.values()), 0, time.perf_counter(), time.perf_counter()
+        shards_out = ShardCollector({s: len(rows) * n_img for s, rows in todo.items()},
+                                    lambda shard, parts, m=model: _write(cfg, m, shard, parts), "shard",
+                                    f"generate {model}", "images", cfg.progress_every_s)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard in batch["shard"].unique().to_pylist():
-                part = batch.filter(pc.equal(batch["shard"], shard))
-                parts.setdefault(shard, []).append(part)
-                need[shard] -= len(part)
-                done += len(part)
-                if need[shard] == 0:
-                    _write(cfg, model, shard, parts.pop(shard))
-                    made += 1
-            now = time.perf_counter()
-            if now - last >= cfg.progress_every_s:
-                last = now
-                rate = done / (now - t_model)
-                log.info("[generate] %s: %d/%d images (%.0f%%)  %.2f images/s  eta %.0fs", model, done, total,
-                         100 * done / total, rate, (total - done) / max(rate, 1e-9))
-        if parts:
-            raise RuntimeError(f"images missing from the generation output of {model}: {sorted(parts)}")
-        per_model[model] = round(done / (time.perf_counter() - t_model), 3)
+            shards_out.add(batch)
+        shards_out.check_complete(f"the generation output of {model}")
+        made += shards_out.committed
+        per_model[model] = round(shards_out.rate(), 3)
     images = len(models) * sum(map(len, sets.values())) * n_img
     summary = {"out": cfg.out, "models": models, "negative_prompts": negatives,
                "prompt_sets": {k: len(v) for k, v in sets.items()},

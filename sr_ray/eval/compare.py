@@ -34,7 +34,7 @@ from sr_ray.core import identity, images, parquet, stats, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
-from sr_ray.diffusion.generate import ActorPoolConfig
+from sr_ray.core.ray_utils import ActorPoolConfig
 from sr_ray.eval import preference_sets
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 
@@ -415,24 +415,6 @@ def plot_accuracy(t: pd.DataFrame, level: float) -> bytes:
 
 # ---------------------------------------------------------------- the job
 
-def demo_inputs(cfg: CompareConfig) -> CompareConfig:
-    """The embedded default: the reward demo run's test split and checkpoint (trained first when absent)."""
-    from dataclasses import replace
-
-    from sr_ray.generations.score import demo_run
-
-    if cfg.test and ("social_reward" not in cfg.scorers or cfg.social_reward.checkpoint):
-        return cfg
-    run = demo_run()
-    if not cfg.test:
-        if not (run.get("splits") or {}).get("test"):
-            raise ConfigError("test: none given and the reward demo run has no test split")
-        cfg = replace(cfg, test=[run["splits"]["test"]])
-    if "social_reward" in cfg.scorers and not cfg.social_reward.checkpoint:
-        cfg = replace(cfg, social_reward=replace(cfg.social_reward, checkpoint=run["checkpoint"]))
-    return cfg
-
-
 def _write_outputs(cfg: CompareConfig, df: pd.DataFrame, acc: pd.DataFrame, diff: pd.DataFrame,
                    agree: pd.DataFrame) -> None:
     ep = cfg.s3_endpoint
@@ -462,10 +444,16 @@ def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
     from sr_ray.core.ray_utils import check_resources, init_ray
 
     t0 = time.perf_counter()
-    cfg = demo_inputs(cfg)
+    if not cfg.test:
+        raise ConfigError("test: no preference set given (Pick-a-Pic Parquet, HPD v2 / ImageReward json, the "
+                          "authors' CSV or sr-ray triplets); the job (sr-ray compare_rewards) uses the reward demo's "
+                          "test split when none is given")
     if "social_reward" in cfg.scorers:
         from sr_ray.reward.score import read_checkpoint
 
+        if not cfg.social_reward.checkpoint:
+            raise ConfigError("social_reward.checkpoint is required with the social_reward scorer (a reward run's "
+                              "checkpoint, local or s3://); the job uses the reward demo's when none is given")
         read_checkpoint(cfg.social_reward.checkpoint, mmap=True)  # not a checkpoint: named now, not in an actor
     storage.check_output_dir(cfg.out, "out", cfg.s3_endpoint)
     sets = resolve_sets(cfg)

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sr_ray.core import images, stats, storage
+from sr_ray.core import images, special_token, stats, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core.errors import DataError
-from sr_ray.demo.prompts import demo_prompt_sets
-from sr_ray.diffusion.generate import (
-    ActorPoolConfig,
-    GenComputeConfig,
-    GenerateConfig,
-    SamplingConfig,
-    generate,
-    load_prompt_sets,
-)
+from sr_ray.core.ray_utils import ActorPoolConfig
+from sr_ray.diffusion.generate import GenComputeConfig, GenerateConfig, SamplingConfig, generate, load_prompt_sets
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
 log = logging.getLogger(__name__)
@@ -73,7 +65,8 @@ class EvaluateT2IConfig(ScorerSettings):
     models: dict[str, str] = field(default_factory=dict)
     """More models to compare with the baseline: {name: model}."""
     prompts: list[str] = field(default_factory=list)
-    """Prompt-set files (one set per file, by stem: e.g. internal.txt general.txt); empty: two demo sets."""
+    """Prompt-set files (one set per file, by stem: e.g. internal.txt general.txt); empty: the fine-tuning run's
+    held-out prompts, and (the job, not this function) the demo's prompt sets."""
     max_prompts: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     generation: GenComputeConfig = field(default_factory=GenComputeConfig)
@@ -93,7 +86,7 @@ class EvaluateT2IConfig(ScorerSettings):
     """Score an existing generations folder instead of generating (its models and prompts)."""
     out: str = "./runs/t2i-eval-demo"
     finetune_demo: bool = False
-    """When ``finetuned`` has no pipeline yet, run the fine-tuning demo into it first (the demo config)."""
+    """When ``finetuned`` has no pipeline yet, the job runs the fine-tuning demo into it first (the demo config)."""
     max_bad_image_rate: float = 0.01
     s3_endpoint: str | None = None
     ray_address: str | None = None
@@ -363,44 +356,24 @@ def _pick_images(gen_uri: str, ids: list[str], endpoint: str | None) -> pa.Table
 
 # ---------------------------------------------------------------- the job
 
-def _ensure_finetuned(cfg: EvaluateT2IConfig) -> None:
-    """With ``finetune_demo``: when ``finetuned`` holds no pipeline yet, run the fine-tuning demo into it."""
-    from pathlib import Path
-
-    if not (cfg.finetune_demo and cfg.finetuned) or storage.is_s3(cfg.finetuned):
-        return
-    path = Path(os.path.expanduser(cfg.finetuned)).resolve()
-    if (path / "pipeline" / "model_index.json").exists() or (path / "model_index.json").exists():
-        return
-    from sr_ray.diffusion.finetune import demo_config, finetune_sd
-
-    ft = demo_config()
-    ft = replace(ft, model=replace(ft.model, name=cfg.baseline),
-                 run=replace(ft.run, name=path.name, storage_path=str(path.parent), ray_address=cfg.ray_address))
-    log.info("[evaluate] %s has no fine-tuned pipeline yet: running the fine-tuning demo into it", path)
-    finetune_sd(ft)
-
-
 def _with_checkpoint(cfg: EvaluateT2IConfig) -> EvaluateT2IConfig:
-    """Social Reward's checkpoint checked now (named, before any model loads); none given: the reward demo's."""
+    """Social Reward's checkpoint checked now (named, before any model loads)."""
     from sr_ray.reward.score import read_checkpoint
 
     if "social_reward" not in cfg.metrics:
         return cfg
-    if cfg.social_reward.checkpoint:
-        read_checkpoint(cfg.social_reward.checkpoint, mmap=True)
-        return cfg
-    from sr_ray.generations.score import demo_checkpoint
-
-    return replace(cfg, social_reward=replace(cfg.social_reward, checkpoint=demo_checkpoint()))
+    if not cfg.social_reward.checkpoint:
+        raise ConfigError("social_reward.checkpoint is required with the social_reward metric (a reward run's "
+                          "checkpoint, local or s3://); the job (sr-ray evaluate_t2i) uses the reward demo's when "
+                          "none is given")
+    read_checkpoint(cfg.social_reward.checkpoint, mmap=True)
+    return cfg
 
 
 def internal_prompts(finetuned: str | None, endpoint: str | None) -> str | None:
     """The held-out prompts of the fine-tune set a fine-tuning run trained on (``internal.jsonl`` beside the set
     its ``config.yaml`` names, written by select_pairs), when there are any: the paper's internal prompts."""
     import yaml
-
-    from sr_ray.generations.select import INTERNAL
 
     if not finetuned:
         return None
@@ -412,7 +385,7 @@ def internal_prompts(finetuned: str | None, endpoint: str | None) -> str | None:
     if not train:
         return None
     folder = train.rsplit("/", 1)[0] if train.endswith(".parquet") else train
-    uri = storage.join(folder, INTERNAL)
+    uri = storage.join(folder, special_token.HELD_OUT_FILE)
     try:
         return uri if storage.read_bytes(uri, endpoint).strip() else None
     except (OSError, ValueError):
@@ -422,8 +395,7 @@ def internal_prompts(finetuned: str | None, endpoint: str | None) -> str | None:
 def prompt_sets(cfg: EvaluateT2IConfig, given: dict[str, list[str]] | None = None
                 ) -> tuple[list[str], dict[str, list[str]]]:
     """(prompt files, {set: prompts}): the files given (``given``: already read), with the fine-tuning run's
-    held-out prompts as the ``internal`` set unless a file of that name is given; with no file at all the demo
-    sets (the demo's ``general`` set beside a held-out ``internal`` one)."""
+    held-out prompts as the ``internal`` set unless a file of that name is given."""
     files = list(cfg.prompts)
     held = None if any(Path(f).stem == "internal" for f in files) else internal_prompts(cfg.finetuned,
                                                                                       cfg.s3_endpoint)
@@ -433,9 +405,6 @@ def prompt_sets(cfg: EvaluateT2IConfig, given: dict[str, list[str]] | None = Non
         return files, given or load_prompt_sets([], cfg.max_prompts)
     log.info("[evaluate] internal prompts: %s (held out of the fine-tune set)", held)
     sets = {**load_prompt_sets([held], cfg.max_prompts, cfg.s3_endpoint), **given}
-    if not files:
-        general = demo_prompt_sets()["general"]
-        sets["general"] = general[:cfg.max_prompts] if cfg.max_prompts else general
     return [held, *files], sets
 
 
@@ -444,8 +413,6 @@ def _generate(cfg: EvaluateT2IConfig) -> tuple[str, dict | None]:
     if cfg.generations:
         return cfg.generations, None
     given = load_prompt_sets(cfg.prompts, cfg.max_prompts, cfg.s3_endpoint) if cfg.prompts else {}  # bad: now
-    if cfg.finetuned:
-        _ensure_finetuned(cfg)
     files, sets = prompt_sets(cfg, given)
     gen_uri = storage.join(cfg.out, "generations")
     return gen_uri, generate(GenerateConfig(

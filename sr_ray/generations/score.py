@@ -41,6 +41,7 @@ from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
+from sr_ray.core.shards import ShardCollector
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 from sr_ray.reward.data import preprocessing, read_image_bytes
 
@@ -443,17 +444,23 @@ def build_pipeline(cfg: ScoreConfig, files: list[InputFile], model_cfg: dict | N
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0)
 
 
-class _Progress:
-    """Rows back, per file; commits a shard when its last row is back; logs rate and ETA every few seconds."""
+class ScoringProgress(ShardCollector):
+    """Rows back per input file (a shard): a file's scores are committed when its last row is back; also the
+    time the first actor had its model (start-up) and how many prompts were encoded."""
 
     def __init__(self, cfg: ScoreConfig, todo: list[InputFile]):
         self.cfg, self.by_uri = cfg, {f.file.uri: f for f in todo}
-        self.parts: dict[str, list] = collections.defaultdict(list)
-        self.got: collections.Counter = collections.Counter()
-        self.total, self.rows, self.rejected, self.encoded = sum(f.rows for f in todo), 0, 0, 0
         self.records: dict[str, dict] = {}
-        self.first_ready: float | None = None
-        self.t0 = self.last = time.perf_counter()
+        self.rejected, self.encoded, self.first_ready = 0, 0, None
+        super().__init__({f.file.uri: f.rows for f in todo}, self._commit, parquet.FILE_COL, "score", "images",
+                         cfg.progress_every_s, columns=[ID, "score", "reason"],
+                         extra=lambda: f"rejected {self.rejected}")
+
+    def _commit(self, uri: str, parts: list) -> None:
+        f = self.by_uri[uri]
+        rec = write_shard(self.cfg, f, parts)
+        self.records[f.shard] = rec
+        self.rejected += rec["rejected"]
 
     def add(self, batch) -> None:
         import pyarrow.compute as pc
@@ -461,38 +468,17 @@ class _Progress:
         ready = pc.min(batch["actor_ready_at"]).as_py()  # start-up ends when the first actor has its model
         self.first_ready = ready if self.first_ready is None else min(self.first_ready, ready)
         self.encoded += int(pc.sum(batch["texts_encoded"]).as_py() or 0)
-        for uri in batch[parquet.FILE_COL].unique().to_pylist():
-            part = batch.filter(pc.equal(batch[parquet.FILE_COL], uri)).select([ID, "score", "reason"])
-            f = self.by_uri.get(uri)
-            if f is None:
-                raise RuntimeError(f"Ray Data returned rows of {uri}, which is not an input file")
-            self.parts[uri].append(part)
-            self.got[uri] += len(part)
-            self.rows += len(part)
-            if self.got[uri] == f.rows:
-                rec = write_shard(self.cfg, f, self.parts.pop(uri))
-                self.records[f.shard] = rec
-                self.rejected += rec["rejected"]
-        self.log()
-
-    def log(self) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.cfg.progress_every_s:
-            return
-        self.last = now
-        rate = self.rows / (now - self.t0)
-        log.info("[score] %d/%d rows (%.0f%%)  %.1f images/s  rejected %d  eta %.0fs", self.rows, self.total,
-                 100 * self.rows / max(self.total, 1), rate, self.rejected, (self.total - self.rows) / max(rate, 1e-9))
+        super().add(batch)
 
 
-def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkpoint: str | None) -> _Progress:
+def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkpoint: str | None) -> ScoringProgress:
     """Score the files in ``todo`` on Ray; empty files are committed without it."""
     from sr_ray.core.ray_utils import check_resources, init_ray
 
-    prog = _Progress(cfg, todo)
-    for f in [f for f in todo if f.rows == 0]:
-        prog.records[f.shard] = write_shard(cfg, f, [])
+    empty = {f.shard: write_shard(cfg, f, []) for f in todo if f.rows == 0}  # committed without Ray
     todo = [f for f in todo if f.rows]
+    prog = ScoringProgress(cfg, todo)
+    prog.records.update(empty)
     if not todo:
         return prog
     started = init_ray(cfg.ray_address)
@@ -508,27 +494,32 @@ def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkp
         if err is not None:
             raise err from None
         raise
-    short = {u: (prog.got[u], prog.by_uri[u].rows) for u in prog.parts}
-    if short:
-        raise RuntimeError(f"rows missing from the scoring output (got, expected): {short}")
+    prog.check_complete("the scoring output")
     return prog
+
+
+def required_inputs(cfg: ScoreConfig) -> str:
+    """The generations' URI; with the reward model's checkpoint when it scores. The job (sr_ray.app.defaults)
+    fills in the demo's generations and reward model when none is given."""
+    if cfg.generations is None:
+        raise ConfigError("generations= is required: a folder or file of Parquet with generation_id, prompt and "
+                          "image or image_uri; the job (sr-ray score_generations) scores a demo set when none is given")
+    if cfg.scorer == "social_reward" and not (cfg.checkpoint or cfg.social_reward.checkpoint):
+        raise ConfigError("checkpoint= is required with scorer=social_reward: a reward run's checkpoint folder "
+                          "(local or s3://); the job uses the reward demo's when none is given")
+    return cfg.generations
 
 
 def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every generation once (resuming a killed run); returns the JSON summary."""
     t0 = time.perf_counter()
-    if cfg.generations is None:
-        from sr_ray.demo.data import ensure_demo_generations
-
-        gen_uri = ensure_demo_generations(cfg.demo)
-    else:
-        gen_uri = cfg.generations
+    gen_uri = required_inputs(cfg)
     check_out(cfg, gen_uri)
     files = inspect_inputs(gen_uri, cfg.s3_endpoint)
     check_rows(files, cfg.s3_endpoint, gen_uri)
     checkpoint = model_cfg = None
     if cfg.scorer == "social_reward":
-        checkpoint = cfg.checkpoint or cfg.social_reward.checkpoint or demo_checkpoint()
+        checkpoint = cfg.checkpoint or cfg.social_reward.checkpoint
         model_cfg = checkpoint_model_config(checkpoint)
     identity.claim(cfg.out, MANIFEST, scoring_identity(cfg, checkpoint), f"out={storage.redact(cfg.out)}",
                    "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
@@ -558,44 +549,3 @@ def score_generations(cfg: ScoreConfig) -> dict[str, Any]:
                         f"max_reject_rate={cfg.max_reject_rate}; reasons in {summary['rejects']}")
     storage.write_text(storage.join(cfg.out, "_summary.json"), json.dumps(summary, indent=1), cfg.s3_endpoint)
     return summary
-
-
-def demo_reward_config():
-    """The quick reward-training run behind :func:`demo_checkpoint` (synthetic triplets, tiny CLIP)."""
-    from sr_ray.reward.train import TrainRewardConfig
-
-    cfg = TrainRewardConfig()
-    cfg.data.demo.source = "synthetic"
-    cfg.data.demo.train, cfg.data.demo.val, cfg.data.demo.test = 1600, 200, 200
-    cfg.data.map_num_cpus = 0.5
-    cfg.model.name, cfg.model.unfreeze_vision_blocks, cfg.model.unfreeze_text_blocks = "sr-tiny", -1, -1
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.epochs, cfg.optim.weight_decay = 1e-3, 20, 2, 0.05
-    cfg.scaling.cpus_per_worker = 0.5
-    cfg.run.name = "sr-reward-demo-scorer"
-    return cfg
-
-
-def demo_run() -> dict:
-    """The summary of the reward-training demo run (its ``checkpoint``, its ``splits``); trains a quick one
-    (synthetic triplets) when there is none."""
-    import os
-
-    from sr_ray.reward.train import train_reward
-
-    cfg = demo_reward_config()
-    for name in ("sr-reward-demo", cfg.run.name):  # the training job's demo run, else our own quick one
-        path = os.path.join(os.path.abspath(cfg.run.storage_path), name, "summary.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            summary = json.load(f)
-        if summary.get("checkpoint") and storage.exists(summary["checkpoint"]):
-            log.info("[score] demo reward model: %s (from %s)", summary["checkpoint"], path)
-            return summary
-    log.info("[score] no demo reward model yet: training one (run %s)", cfg.run.name)
-    return train_reward(cfg, score_test=False)
-
-
-def demo_checkpoint() -> str:
-    """The reward-training demo's best checkpoint (see :func:`demo_run`)."""
-    return demo_run()["checkpoint"]

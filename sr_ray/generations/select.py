@@ -61,7 +61,8 @@ _FLIGHT = pa.schema([*FINETUNE_SCHEMA, ("shard", pa.int64()), ("order", pa.int64
 @dataclass
 class SelectConfig:
     scores: str | None = None
-    """Scoring-job output (local or s3://); none: the scoring demo's output (scored first when missing)."""
+    """Scoring-job output (local or s3://); none (the job, not this function): the scoring demo's output
+    (scored first when missing)."""
     generations: str | None = None
     """Where the image bytes are: the generations that were scored; none: as recorded in <scores>/_summary.json."""
     regularization: str | None = None
@@ -124,7 +125,7 @@ def with_token(prompt: str, cfg: SelectConfig) -> str:
     return f"{prompt}{cfg.token_separator}{cfg.token}"
 
 
-INTERNAL = "internal.jsonl"
+INTERNAL = special_token.HELD_OUT_FILE
 """The held-out prompts beside a fine-tune set (a prompt file: its set is named 'internal')."""
 
 
@@ -361,31 +362,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 # --- the job -------------------------------------------------------------------------------------------------------
 
-def _demo_scores(cfg: SelectConfig) -> str:
-    """The scoring demo's output; the scoring job runs first (demo settings) when it has not."""
-    from sr_ray.generations.score import ScoreConfig, score_generations
-
-    sc = ScoreConfig(min_actors=1, max_actors=1, cpus_per_actor=0.5, decode_num_cpus=0.5,
-                     ray_address=cfg.ray_address)
-    if not storage.exists(storage.join(sc.out, "_summary.json")):
-        log.info("[select] no demo scores in %s yet: running the scoring job's demo first", sc.out)
-        score_generations(sc)
-    return sc.out
-
-
-def _check_out(cfg: SelectConfig, settings: dict) -> None:
-    """Refuse to mix two selections in one folder: the settings that decide the rows must match."""
-    marker = storage.join(cfg.out, "_selection.json")
-    if storage.exists(marker, cfg.s3_endpoint):
-        before = json.loads(storage.read_bytes(marker, cfg.s3_endpoint))
-        diff = identity.differing_keys(before, settings)
-        if diff:
-            raise ConfigError(f"out={storage.redact(cfg.out)} holds a fine-tune set made with other settings or "
-                              f"inputs ({identity.describe(diff)} differ); choose another out or delete it")
-    else:
-        storage.write_text(marker, json.dumps(settings, indent=1), cfg.s3_endpoint)
-
-
 @dataclass
 class _Inputs:
     scores: str
@@ -398,9 +374,9 @@ class _Inputs:
 
 
 def _inputs(cfg: SelectConfig) -> _Inputs:
-    """Scores, their generations and the regularization set, every file checked (the demo's made when missing)."""
+    """Scores, their generations and the regularization set, every file checked."""
     endpoint = cfg.s3_endpoint
-    scores = _demo_scores(cfg) if cfg.scores is None else cfg.scores
+    scores = cfg.scores
     score_files = parquet.inputs(scores, "scores", ["generation_id", "prompt", "score"], endpoint=endpoint,
                                  kinds={"prompt": "string", "generation_id": "id"})
     generations = _generations_of(cfg, scores)
@@ -408,12 +384,7 @@ def _inputs(cfg: SelectConfig) -> _Inputs:
                                {"image": "binary", "image_uri": "string"}, endpoint)
     reg_uri, reg_files = None, []
     if cfg.regularization_ratio > 0:
-        if cfg.regularization is None:
-            from sr_ray.demo.data import ensure_demo_regularization
-
-            reg_uri = ensure_demo_regularization(cfg.demo)
-        else:
-            reg_uri = cfg.regularization
+        reg_uri = cfg.regularization
         reg_files = parquet.inputs(reg_uri, "regularization", ["caption"], ["image", "image_uri"],
                                    {"image": "binary", "image_uri": "string", "caption": "string"}, endpoint)
     return _Inputs(scores, score_files, generations, gen_files, reg_uri, reg_files,
@@ -571,7 +542,10 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     from sr_ray.core.ray_utils import init_ray
 
     t0 = time.perf_counter()
-    if cfg.regularization is None and cfg.scores is not None and cfg.regularization_ratio > 0:
+    if cfg.scores is None:
+        raise ConfigError("scores= is required: the scoring job's output folder (local or s3://); the job "
+                          "(sr-ray select_pairs) runs the scoring demo first when none is given")
+    if cfg.regularization is None and cfg.regularization_ratio > 0:
         raise ConfigError("regularization: give the regularization set (caption + image/image_uri Parquet), "
                           "or set regularization_ratio=0 to select without one")
     init_ray(cfg.ray_address)
@@ -582,7 +556,8 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     reg_plan, n_reg_want, reg_available = _regularization_plan(cfg, inp.reg_files, n_sel)
     planned = n_sel + len(reg_plan)
     n_shards = max(1, math.ceil(planned / cfg.rows_per_shard))
-    _check_out(cfg, _settings(cfg, inp, n_shards))
+    identity.same_settings(cfg.out, "_selection.json", _settings(cfg, inp, n_shards), "a fine-tune set",
+                           cfg.s3_endpoint)
     present = storage.data_file_names(cfg.out, cfg.s3_endpoint)
     finished = {s for s in range(n_shards) if shard_name(s) in present}
     stats = _write_shards(cfg, inp, _generation_plan(cfg, pick["sel"], n_shards, finished),

@@ -314,16 +314,3 @@ def triplet_dataset(info: SplitInfo, model_cfg: dict, data_cfg: DataConfig):
         batch_size=data_cfg.map_batch_size,
         num_cpus=data_cfg.map_num_cpus,
     )
-
-
-def resolve_splits(cfg: DataConfig) -> DataConfig:
-    """With no ``data.train``, point the splits at the (generated, cached) demo data."""
-    if cfg.train:
-        return cfg
-    from dataclasses import replace
-
-    from sr_ray.demo.data import ensure_demo_data
-
-    demo = ensure_demo_data(cfg.demo)
-    return replace(cfg, train=demo["train"], val=cfg.val or demo["val"], test=cfg.test or demo["test"])
-

@@ -22,7 +22,8 @@ from typing import Any
 
 from sr_ray.core import images, storage
 from sr_ray.core.config import ConfigError, from_dict, set_dotted, to_dict
-from sr_ray.reward.train import TrainRewardConfig, absolute_storage, steps_per_epoch
+from sr_ray.core.raytrain import absolute_storage
+from sr_ray.reward.train import TrainRewardConfig, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -253,16 +254,15 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from sr_ray.core.ray_utils import init_ray
-    from sr_ray.reward.data import preflight, resolve_splits
-    from sr_ray.reward.train import check_config
+    from sr_ray.reward.data import preflight
+    from sr_ray.reward.train import check_config, require_train_split
 
     check_search(cfg)
     check_config(cfg.train)
     t0 = time.perf_counter()
     sdir = sweep_dir(cfg)
-    if not cfg.train.data.train and cfg.train.data.demo.source == "community":
-        init_ray(cfg.train.run.ray_address)
-    train = replace(cfg.train, data=resolve_splits(cfg.train.data))
+    require_train_split(cfg.train.data)
+    train = cfg.train
     infos = preflight(train.data)  # bad data fails here, before any trial starts
     if "val" not in infos:
         raise ConfigError("a sweep needs data.val: trials are ranked and stopped on validation accuracy")
