@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sr_ray.app.registry import JOBS, listing, run
+from sr_ray.core.errors import DataError
+from sr_ray.core.images import BadImage
+
 
 def score(argv) -> int:
     parser = argparse.ArgumentParser(prog="sr-ray score", description="score images for a prompt with a reward "
@@ -20,8 +24,6 @@ def score(argv) -> int:
     parser.add_argument("images", nargs="+", help="image files (local or s3://)")
     args = parser.parse_args(argv)
 
-    from sr_ray.core.errors import DataError
-    from sr_ray.core.images import BadImage
     from sr_ray.reward.score import RewardScorer
 
     try:
@@ -36,8 +38,6 @@ def score(argv) -> int:
 
 
 def main(argv=None) -> int:
-    from sr_ray.app.registry import JOBS, listing, run
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + listing())

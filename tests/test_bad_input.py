@@ -26,6 +26,7 @@ from sr_ray.generations.score import (
     GenerationPreprocessor,
     GenerationScorer,
     ScoreConfig,
+    ScoringPoolConfig,
     check_rows,
     inspect_inputs,
     score_generations,
@@ -310,6 +311,15 @@ def test_config_values_are_checked_with_the_key_named(tmp_path):
         with pytest.raises(ConfigError, match=f"{key}: must be >= 0, got -3"):
             load_config(cls, None, [f"{key}=-3"])
     assert load_config(TrainRewardConfig, None, ["model.unfreeze_vision_blocks=-1"])  # -1 means the whole tower
+    # the scoring job's pool moved under compute (the shape of every actor pool); the flat keys still work
+    pool = load_config(SC, None, ["min_actors=2", "max_actors=3", "batch_size=4", "use_gpu=true"]).compute
+    assert (pool.num_actors, pool.max_actors, pool.batch_size, pool.use_gpu) == (2, 3, 4, True)
+    with pytest.raises(ConfigError, match="batch_size is the older name of compute.batch_size"):
+        load_config(SC, None, ["batch_size=4", "compute.batch_size=8"])
+    with pytest.raises(ConfigError, match="compute.batch_size: must be >= 0, got -3"):
+        load_config(SC, None, ["batch_size=-3"])
+    with pytest.raises(ConfigError, match="max_actors must be 0"):
+        load_config(SC, None, ["min_actors=3", "max_actors=2"])
 
 
 def test_every_numeric_key_of_every_job_refuses_a_negative_value():
@@ -455,8 +465,8 @@ def test_scoring_job_on_the_corpus_counts_every_case_and_keeps_every_column(ray_
     the input's own columns (path, reason) and types kept, an empty file committed, a re-run without Ray."""
     expect = write_corpus_generations(tmp_path / "gen", s3_bucket)
     out = tmp_path / "scores"
-    cfg = ScoreConfig(checkpoint=checkpoint, generations=str(tmp_path / "gen"), out=str(out), batch_size=32,
-                      decode_batch_size=32, block_rows=64, max_actors=1)
+    cfg = ScoreConfig(checkpoint=checkpoint, generations=str(tmp_path / "gen"), out=str(out),
+                      compute=ScoringPoolConfig(batch_size=32, max_actors=1), decode_batch_size=32, block_rows=64)
     s = score_generations(cfg)
     bad = {g for g, (ok, _) in expect.items() if not ok}
     assert (s["rows"], s["rejected"], s["scored"]) == (len(expect), len(bad), len(expect) - len(bad))
@@ -486,7 +496,8 @@ def test_rescoring_into_the_same_out_never_returns_the_old_scores(ray_cluster, c
     gen = tmp_path / "gen"
     _write(gen / "part-0.parquet", generations(6))
     out = tmp_path / "scores"
-    base = dict(generations=str(gen), out=str(out), batch_size=8, decode_batch_size=8, max_actors=1)
+    base = dict(generations=str(gen), out=str(out), compute=ScoringPoolConfig(batch_size=8, max_actors=1),
+                decode_batch_size=8)
     score_generations(ScoreConfig(checkpoint=checkpoint, **base))
     first = pq.read_table(out / "part-0.parquet")["score"].to_numpy()
 

@@ -11,6 +11,7 @@ from sr_ray.generations.score import (
     GenerationPreprocessor,
     GenerationScorer,
     ScoreConfig,
+    ScoringPoolConfig,
     inspect_inputs,
     score_generations,
 )
@@ -94,7 +95,7 @@ def read_dir(folder):
 def test_job_scores_every_generation_once_with_rejects(ray_cluster, checkpoint, tmp_path):
     cols = write_generations(tmp_path / "gen")
     cfg = ScoreConfig(checkpoint=checkpoint, generations=str(tmp_path / "gen"), out=str(tmp_path / "scores"),
-                      batch_size=8, decode_batch_size=8)
+                      compute=ScoringPoolConfig(batch_size=8), decode_batch_size=8)
     summary = score_generations(cfg)
     assert summary["rows"] == 39 and summary["rejected"] == 3 and summary["scored"] == 36
     assert summary["prompts_encoded"] >= 12
@@ -138,7 +139,7 @@ def test_s3_in_and_out_with_bytes_and_uris(ray_cluster, checkpoint, s3_endpoint,
         s3.put_object(Bucket=s3_bucket, Key=f"generations/{name}.parquet", Body=sink.getvalue().to_pybytes())
     out = f"s3://{s3_bucket}/scores/"
     cfg = ScoreConfig(checkpoint=checkpoint, generations=f"s3://{s3_bucket}/generations/", out=out,
-                      s3_endpoint=s3_endpoint, batch_size=8, decode_batch_size=8)
+                      s3_endpoint=s3_endpoint, compute=ScoringPoolConfig(batch_size=8), decode_batch_size=8)
     summary = score_generations(cfg)
     assert summary["rows"] == n and summary["rejected"] == 2 and summary["output"] == out
 
@@ -189,7 +190,7 @@ def test_killed_job_resumes_and_scores_every_generation_exactly_once(ray_cluster
     time.sleep(2)  # let the cluster reclaim the killed driver's actors
 
     summary = score_generations(ScoreConfig(checkpoint=checkpoint, generations=str(tmp_path / "gen"), out=str(out),
-                                            batch_size=8, decode_batch_size=8))
+                                            compute=ScoringPoolConfig(batch_size=8), decode_batch_size=8))
     assert summary["shards_skipped"] == len(done) and summary["shards"] == 8
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in done} == done
     ids = read_dir(out)["generation_id"].to_pylist() + read_dir(out / "_rejects")["generation_id"].to_pylist()
@@ -206,7 +207,7 @@ def test_decode_runs_in_cpu_tasks_when_the_scorers_take_gpus(ray_cluster, checkp
     mcfg = checkpoint_model_config(checkpoint)
     plans = {}
     for gpu in (True, False):
-        build_pipeline(ScoreConfig(use_gpu=gpu), files, mcfg, checkpoint).explain()
+        build_pipeline(ScoreConfig(compute=ScoringPoolConfig(use_gpu=gpu)), files, mcfg, checkpoint).explain()
         out = capsys.readouterr().out
         plans[gpu] = out[out.index("Physical Plan (Optimized)"):]
     assert "ActorPoolMapOperator[MapBatches(GenerationScorer)]" in plans[True]
@@ -228,7 +229,8 @@ def test_any_scorer_scores_generations_with_its_own_preprocessing(ray_cluster, t
             "image": [images.encode_png(Image.new("RGB", (16, 16), c)) for c in colours] + [b"junk"]}
     (tmp_path / "gen").mkdir()
     pq.write_table(pa.table(cols), tmp_path / "gen" / "part-0.parquet")
-    base = dict(generations=str(tmp_path / "gen"), out=str(tmp_path / "scores"), batch_size=2, decode_batch_size=2,
+    base = dict(generations=str(tmp_path / "gen"), out=str(tmp_path / "scores"), compute=ScoringPoolConfig(batch_size=2),
+                decode_batch_size=2,
                 scorer="plugin_scorers:redness", plugins={"plugin_scorers:redness": {"scale": 2.0}})
     s = score_generations(ScoreConfig(**base))
     assert (s["scored"], s["rejected"], s["scorer"], s["checkpoint"]) == (3, 1, "plugin_scorers:redness", None)

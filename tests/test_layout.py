@@ -69,6 +69,26 @@ def test_rooms_import_only_downward_with_no_cycle_and_no_private_names():
             visit(v, [v])
 
 
+LAZY = {"sr_ray.reward.model", "sr_ray.reward.score", "sr_ray.reward", "sr_ray.diffusion.components"}
+"""Modules that may be imported inside a function: they load torch/open_clip or diffusers at import, which the
+callers (Ray Data tasks, the curation's NSFW hook, the scorers' configs, the CLI) must not pay until used."""
+
+
+def test_function_local_imports_only_keep_a_heavy_dependency_lazy():
+    found = []
+    for m, f in _modules().items():
+        tree = ast.parse(f.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sr_ray"):
+                    if node.module not in LAZY and not (m == "sr_ray.bench.curate" and fn.name == "_child"):
+                        found.append(f"{m}.{fn.name} imports {node.module}")
+    # bench.curate._child times each side in a fresh interpreter, its own imports included
+    assert not found, sorted(set(found))
+
+
 def test_only_the_app_layer_runs_one_stage_for_another():
     """The demo chain lives in sr_ray.app.defaults: no stage module names another stage's job function."""
     jobs = {"curate", "train_reward", "tune_reward", "score_generations", "select_pairs", "finetune_sd",

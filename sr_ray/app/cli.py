@@ -11,6 +11,7 @@ from typing import Any, Sequence, TypeVar
 
 from sr_ray.core.config import ConfigError, load_config, preset_path
 from sr_ray.core.logs import setup_logging
+from sr_ray.core.parquet import data_error_of
 
 T = TypeVar("T")
 
@@ -69,8 +70,6 @@ def run_job(cls: type[T], fn, argv: Sequence[str] | None, default_config: Path |
     A :class:`~sr_ray.reward.data.DataError` (bad input) ends the job with its message and status 1;
     a :class:`ConfigError` found by the job's own checks, with status 2 as a bad key on the command line.
     """
-    from sr_ray.core.parquet import data_error_of
-
     setup_logging()
     cfg = parse_job_args(cls, argv, default_config, doc, job)
     results = reserve_stdout()

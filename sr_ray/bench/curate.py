@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from sr_ray.demo.community import CommunityConfig, simulate
+
 
 @dataclass
 class BenchCurateConfig:
@@ -97,8 +99,6 @@ def _run_side(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
 
 def bench_curate(cfg: BenchCurateConfig) -> dict:
     import shutil
-
-    from sr_ray.demo.community import CommunityConfig, simulate
 
     rows = []
     for n in cfg.sizes:

@@ -16,7 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 from sr_ray.core import storage
+from sr_ray.core.config import from_dict, set_dotted, to_dict
+from sr_ray.core.ray_utils import init_ray
+from sr_ray.demo.data import ensure_demo_finetune_set
 from sr_ray.diffusion.components import SDModelConfig
+from sr_ray.diffusion.finetune import FinetuneSDConfig, finetune_sd
 
 VARIANTS = {
     "ddp": {"deepspeed.enabled": False},
@@ -49,11 +53,6 @@ class BenchFinetuneConfig:
 
 
 def bench_finetune(cfg: BenchFinetuneConfig) -> dict:
-    from sr_ray.core.config import from_dict, set_dotted, to_dict
-    from sr_ray.core.ray_utils import init_ray
-    from sr_ray.demo.data import ensure_demo_finetune_set
-    from sr_ray.diffusion.finetune import FinetuneSDConfig, finetune_sd
-
     data = cfg.data or ensure_demo_finetune_set()
     init_ray(None)
     runs = []

@@ -28,8 +28,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from sr_ray.core import storage
+from sr_ray.core import images, storage
 from sr_ray.core.config import to_dict
+from sr_ray.core.ray_utils import init_ray
+from sr_ray.demo.data import ensure_demo_generations
+from sr_ray.generations.score import ScoreConfig, ScoringPoolConfig, checkpoint_model_config, score_generations
 from sr_ray.reward.model import ModelConfig
 
 
@@ -96,8 +99,6 @@ class _AuthorsDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        from sr_ray.core import images
-
         return self.ids[i], self.prompts[i], self.transform(images.decode(self.images[i]))
 
 
@@ -134,10 +135,6 @@ def authors_loop(checkpoint: str, files: list[str], cfg: BenchScoreConfig, devic
 def bench_score(cfg: BenchScoreConfig) -> dict:
     import ray
 
-    from sr_ray.core.ray_utils import init_ray
-    from sr_ray.demo.data import ensure_demo_generations
-    from sr_ray.generations.score import ScoreConfig, checkpoint_model_config, score_generations
-
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     checkpoint = _checkpoint(cfg)
     gen = ensure_demo_generations({"prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt,
@@ -158,9 +155,11 @@ def bench_score(cfg: BenchScoreConfig) -> dict:
             for a in cfg.actors:
                 out = os.path.join(tmp, f"{backend}-{a}")
                 s = score_generations(ScoreConfig(
-                    checkpoint=checkpoint, generations=gen, out=out, backend=backend, min_actors=a, max_actors=a,
-                    cpus_per_actor=cfg.cpus_per_actor, use_gpu=cfg.use_gpu, gpus_per_actor=cfg.gpus_per_actor,
-                    batch_size=cfg.batch_size, decode_batch_size=cfg.batch_size, progress_every_s=1e9,
+                    checkpoint=checkpoint, generations=gen, out=out, backend=backend,
+                    compute=ScoringPoolConfig(num_actors=a, max_actors=a, cpus_per_actor=cfg.cpus_per_actor,
+                                              use_gpu=cfg.use_gpu, gpus_per_actor=cfg.gpus_per_actor,
+                                              batch_size=cfg.batch_size),
+                    decode_batch_size=cfg.batch_size, progress_every_s=1e9,
                     torch_threads=max(1, threads // a)))
                 got = pq.read_table(out, columns=["generation_id", "score"]).to_pydict()
                 diff = max(abs(ref["scores"][g] - float(v)) for g, v in zip(got["generation_id"], got["score"]))

@@ -21,6 +21,10 @@ from typing import Any
 import numpy as np
 
 from sr_ray.core.errors import ConfigError
+from sr_ray.eval.scorers.aesthetic import AestheticConfig, LaionAesthetic
+from sr_ray.eval.scorers.hps import HPS, HPSConfig
+from sr_ray.eval.scorers.imagereward import ImageReward, ImageRewardConfig
+from sr_ray.eval.scorers.pickscore import PickScore, PickScoreConfig
 from sr_ray.reward.model import MODEL_CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -80,11 +84,6 @@ def make_inputs(out: Path, seed: int) -> tuple[list, list[str]]:
 
 def sr_ray_scores(ref: dict, imgs: list, prompts: list[str]) -> dict[str, np.ndarray]:
     """sr-ray's scorers on the reference's weight files, loaded as published files are."""
-    from sr_ray.eval.scorers.aesthetic import AestheticConfig, LaionAesthetic
-    from sr_ray.eval.scorers.hps import HPS, HPSConfig
-    from sr_ray.eval.scorers.imagereward import ImageReward, ImageRewardConfig
-    from sr_ray.eval.scorers.pickscore import PickScore, PickScoreConfig
-
     h, ir, a, p = ref["hpsv2"], ref["imagereward"], ref["laion_aesthetic"], ref["pickscore"]
     scorers = {
         "hpsv2": HPS(HPSConfig(weights=h["weights"], model=h["model"]), "cpu"),

@@ -109,8 +109,45 @@ def _check_signs(cls: type, kwargs: dict[str, Any], prefix: str) -> None:
             raise ConfigError(f"{prefix}{k}: must be >= 0, got {v}")
 
 
+def _apply_aliases(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Keys a config class renamed (its ``ALIASES``: old key -> new dotted key, both under this section) moved to
+    their new place; giving both the old and the new key with different values is refused."""
+    aliases: Mapping[str, str] = getattr(cls, "ALIASES", {})
+    values = dict(values)
+    for old, new in aliases.items():
+        if old not in values:
+            continue
+        value = values.pop(old)
+        head, *rest = new.split(".")
+        node = values.setdefault(head, {}) if rest else values
+        node = dict(node) if isinstance(node, Mapping) else {}
+        if rest:
+            values[head] = node
+            for part in rest[:-1]:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+        last = rest[-1] if rest else head
+        if last in node and node[last] != value and node[last] != _field_default(cls, new):
+            raise ConfigError(f"{prefix}{old} is the older name of {prefix}{new}: give one of them "
+                              f"({node[last]!r} and {value!r} were given)")
+        node[last] = value
+    return values
+
+
+def _field_default(cls: type, dotted: str) -> Any:
+    """The default of a dotted key under ``cls`` (None when it cannot be made)."""
+    try:
+        node: Any = cls()
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+    except (TypeError, AttributeError, ValueError):
+        return None
+
+
 def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
     types_ = _field_types(cls)
+    values = _apply_aliases(cls, values, prefix)
     unknown = [k for k in values if k not in types_]
     if unknown:
         k = unknown[0]

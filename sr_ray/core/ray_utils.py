@@ -9,6 +9,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from sr_ray.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -97,8 +99,6 @@ def check_resources(bundles: list[dict[str, float]], what: str, fixed: bool, wai
 
     import ray
 
-    from sr_ray.core.errors import ConfigError
-
     def nodes() -> list[dict[str, float]]:
         return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
@@ -146,11 +146,13 @@ def worker_prints_to_stderr() -> None:
 
 @dataclass
 class ActorPoolConfig:
-    """An actor pool of a ``map_batches`` stage: the one shape of generation's, the T2I evaluation's and the
-    comparison's pools (each job's subclass sets its defaults and adds its keys)."""
+    """An actor pool of a ``map_batches`` stage: the one shape of every pool (generation, batch scoring, the
+    T2I evaluation's and the comparison's scorers); each job's subclass sets its defaults and adds its keys."""
 
     num_actors: int = 1
-    """Actors (one GPU each with use_gpu)."""
+    """Actors (one GPU each with use_gpu); the pool starts with these."""
+    max_actors: int = 0
+    """Above num_actors: the pool grows to this many while work is queued (0: a fixed pool of num_actors)."""
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0
@@ -160,10 +162,32 @@ class ActorPoolConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_actors < 1:
             raise ValueError("batch_size and num_actors must be >= 1")
+        if self.max_actors and self.max_actors < self.num_actors:
+            raise ValueError("max_actors must be 0 (a fixed pool) or >= num_actors")
+
+    def actor_bundle(self) -> dict[str, float]:
+        """One actor's resources."""
+        return {"CPU": self.cpus_per_actor, **({"GPU": self.gpus_per_actor} if self.use_gpu else {})}
 
     def map_kwargs(self) -> dict[str, Any]:
         """``compute``, ``num_cpus`` and ``num_gpus`` of ``Dataset.map_batches`` for this pool."""
         import ray.data
 
-        return {"compute": ray.data.ActorPoolStrategy(size=self.num_actors), "num_cpus": self.cpus_per_actor,
+        size = ({"min_size": self.num_actors, "max_size": self.max_actors} if self.max_actors > self.num_actors
+                else {"size": self.num_actors})
+        return {"compute": ray.data.ActorPoolStrategy(**size), "num_cpus": self.cpus_per_actor,
                 "num_gpus": self.gpus_per_actor if self.use_gpu else 0}
+
+
+@dataclass
+class DecodedPoolConfig(ActorPoolConfig):
+    """A scorer pool fed by CPU tasks that decode the images (batch scoring, the comparison)."""
+
+    decode_num_cpus: float = 0.25
+    """CPUs per image-decoding task."""
+    resource_wait_s: float = 300.0
+    """On a joined cluster that may grow: how long to wait for the pool's resources."""
+
+    def bundles(self, pools: int = 1) -> list[dict[str, float]]:
+        """What must fit before work starts: ``pools`` pools of ``num_actors`` actors and one decode task."""
+        return [self.actor_bundle()] * (pools * self.num_actors) + [{"CPU": self.decode_num_cpus}]

@@ -55,7 +55,8 @@ from sr_ray.core.config import to_dict
 from sr_ray.core.errors import ConfigError, DataError
 from sr_ray.core.limits import InputLimits
 from sr_ray.core.ray_utils import init_ray
-from sr_ray.curation.datacard import table1_ratios
+from sr_ray.curation.datacard import table1_ratios, write_datacard
+from sr_ray.curation.nsfw import NSFWScorer
 from sr_ray.demo.community import CommunityConfig
 
 log = logging.getLogger(__name__)
@@ -471,8 +472,6 @@ def _score_nsfw(cfg: CurateConfig, files: list[parquet.ParquetFile], out: str) -
     """Run the plugged-in NSFW classifier over the log's images; returns the files of the scored log."""
     import ray.data
 
-    from sr_ray.curation.nsfw import NSFWScorer
-
     scored = storage.join(out, "_scored_log")
     if not storage.exists(storage.join(scored, "_SUCCESS"), cfg.s3_endpoint):
         ds = parquet.read(files, list(files[0].schema.names), "platform log", cfg.s3_endpoint, on_error="raise")
@@ -637,8 +636,6 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
 
 def _curate(cfg: CurateConfig) -> dict[str, Any]:
     import ray
-
-    from sr_ray.curation.datacard import write_datacard
 
     wall0 = time.perf_counter()
     log_uri, out, files, has_nsfw = _inputs(cfg)

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from sr_ray.core import images, storage
+from sr_ray.core.config import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,6 @@ def simulate(cfg: CommunityConfig, out: str, s3_endpoint: str | None = None) -> 
     Chunks run as Ray tasks when Ray is initialised (images are the slow part),
     else in this process. Finished chunks are not redone on a re-run.
     """
-    from sr_ray.core.config import to_dict
-
     n_chunks = math.ceil(cfg.images / cfg.chunk_images)
     jobs = []
     for k in range(n_chunks):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sr_ray.core import storage
+from sr_ray.core import images, storage
+from sr_ray.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def tiny_vae_state() -> dict[str, Any]:
 
     import numpy as np
     import torch
-
-    from sr_ray.core import images
 
     key = hashlib.sha256(json.dumps(TINY_VAE, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(os.path.expanduser(TOKENIZER_CACHE)).parent / f"vae-{key}.pt"
@@ -241,8 +240,6 @@ def check_model(cfg: SDModelConfig) -> None:
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                if not os.path.isdir(os.path.join(cfg.name, c))]
     if missing:
-        from sr_ray.core.config import ConfigError
-
         raise ConfigError(f"model.name={cfg.name}: not a diffusers Stable Diffusion directory (no {missing})")
 
 

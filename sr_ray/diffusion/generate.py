@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from sr_ray.core import identity, images, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
-from sr_ray.core.ray_utils import ActorPoolConfig
+from sr_ray.core.ray_utils import ActorPoolConfig, init_ray, worker_prints_to_stderr
 from sr_ray.core.shards import ShardCollector
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,6 @@ class ImageGenerator:
                  batch_size: int = 8, device: str | None = None, negative: str = ""):
         import torch
 
-        from sr_ray.core.ray_utils import worker_prints_to_stderr
-
         worker_prints_to_stderr()
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -380,8 +378,6 @@ def generate(cfg: GenerateConfig, sets: dict[str, list[str]] | None = None) -> d
     ``sets``: the prompt sets of ``cfg`` when the caller has read them already (:func:`load_prompt_sets`).
     """
     import ray.data
-
-    from sr_ray.core.ray_utils import init_ray
 
     t0 = time.perf_counter()
     if sets is None:

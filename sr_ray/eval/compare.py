@@ -34,9 +34,10 @@ from sr_ray.core import identity, images, parquet, stats, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits
-from sr_ray.core.ray_utils import ActorPoolConfig
+from sr_ray.core.ray_utils import DecodedPoolConfig, check_resources, init_ray, worker_prints_to_stderr
 from sr_ray.eval import preference_sets
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
+from sr_ray.reward.data import DataConfig, read_image_bytes, split_info
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,12 @@ PAIR_COLS = ["prompt", "pos_id", "neg_id", "tie"]
 
 
 @dataclass
-class ScorerPoolConfig(ActorPoolConfig):
+class ScorerPoolConfig(DecodedPoolConfig):
     """Every scorer runs as its own pool of ``num_actors`` actors, all at once (the pairs stream through them)."""
 
     cpus_per_actor: float = 0.5
     batch_size: int = 16
     """Pairs per scorer call (2x images)."""
-    decode_num_cpus: float = 0.25
-    """CPUs per image-decoding task."""
-    resource_wait_s: float = 300.0
-    """On a joined (autoscaling) cluster: how long to wait for the scorer actors' resources."""
-
-    def bundles(self, scorers: int) -> list[dict[str, float]]:
-        actor = {"CPU": self.cpus_per_actor, **({"GPU": self.gpus_per_actor} if self.use_gpu else {})}
-        return [actor] * (scorers * self.num_actors) + [{"CPU": self.decode_num_cpus}]
 
 
 @dataclass
@@ -109,8 +102,6 @@ class DecodePairs:
         self.image_root, self.endpoint, self.limits = image_root, endpoint, from_dict(InputLimits, limits)
 
     def _one(self, data, path) -> np.ndarray:
-        from sr_ray.reward.data import read_image_bytes
-
         if data is None and path is not None:
             data = read_image_bytes(str(path), self.image_root, self.endpoint, self.limits)
         return np.asarray(images.decode(data, self.limits))
@@ -158,8 +149,6 @@ class PairScorer:
     ``<name>__pos``, ``<name>__neg`` (NaN for unreadable pairs); every other column passes through."""
 
     def __init__(self, name: str, settings: dict, batch_size: int):
-        from sr_ray.core.ray_utils import worker_prints_to_stderr
-
         worker_prints_to_stderr()
         self.name = name
         self.scorer = make_scorer(name, from_dict(ScorerSettings, settings), None, batch_size)
@@ -192,8 +181,6 @@ class TestSet:
 
 def resolve_sets(cfg: CompareConfig) -> list[TestSet]:
     """Each test set checked (and a peer's format imported under ``<out>/sets/``) before Ray works."""
-    from sr_ray.reward.data import DataConfig, split_info
-
     sets = []
     try:
         names = preference_sets.set_names(cfg.test)
@@ -441,8 +428,6 @@ def _write_outputs(cfg: CompareConfig, df: pd.DataFrame, acc: pd.DataFrame, diff
 
 def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
     """Score every test set with every scorer (reusing finished results), tabulate; returns the JSON summary."""
-    from sr_ray.core.ray_utils import check_resources, init_ray
-
     t0 = time.perf_counter()
     if not cfg.test:
         raise ConfigError("test: no preference set given (Pick-a-Pic Parquet, HPD v2 / ImageReward json, the "

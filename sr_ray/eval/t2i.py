@@ -39,7 +39,7 @@ import pyarrow as pa
 from sr_ray.core import images, special_token, stats, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core.errors import DataError
-from sr_ray.core.ray_utils import ActorPoolConfig
+from sr_ray.core.ray_utils import ActorPoolConfig, init_ray, worker_prints_to_stderr
 from sr_ray.diffusion.generate import GenComputeConfig, GenerateConfig, SamplingConfig, generate, load_prompt_sets
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer
 
@@ -114,8 +114,6 @@ class ImageMetricScorer:
     Every metric's scorer is built once per actor."""
 
     def __init__(self, names: list[str], settings: dict, batch_size: int, device: str | None = None):
-        from sr_ray.core.ray_utils import worker_prints_to_stderr
-
         worker_prints_to_stderr()
         cfg = from_dict(ScorerSettings, settings)
         self.metrics = [make_scorer(n, cfg, device, batch_size) for n in names]
@@ -422,8 +420,6 @@ def _generate(cfg: EvaluateT2IConfig) -> tuple[str, dict | None]:
 
 def _score(cfg: EvaluateT2IConfig, gen_uri: str) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """(scores, undecodable rows, seconds): every image by every metric; too many bad images fail the job."""
-    from sr_ray.core.ray_utils import init_ray
-
     init_ray(cfg.ray_address)
     t = time.perf_counter()
     scores = score_images(gen_uri, cfg.metrics, cfg.scorer_settings(), cfg.scoring, cfg.s3_endpoint)

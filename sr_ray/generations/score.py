@@ -32,15 +32,16 @@ import json
 import logging
 import posixpath
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
 from sr_ray.core import identity, images, parquet, storage
-from sr_ray.core.config import ConfigError, to_dict
+from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
+from sr_ray.core.ray_utils import DecodedPoolConfig, check_resources, in_ray_worker, init_ray, worker_prints_to_stderr
 from sr_ray.core.shards import ShardCollector
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 from sr_ray.reward.data import preprocessing, read_image_bytes
@@ -53,9 +54,26 @@ READ = (ID, PROMPT, IMAGE, URI)  # the only input columns that go through Ray; t
 
 
 @dataclass
+class ScoringPoolConfig(DecodedPoolConfig):
+    num_actors: int = 1
+    max_actors: int = 2
+    cpus_per_actor: float = 0.5
+    batch_size: int = 64
+    """Images per scorer call."""
+    decode_num_cpus: float = 0.5
+
+
+@dataclass
 class ScoreConfig(ScorerSettings):
     """The scorers' own sections (``pickscore.model``, ``hpsv2.weights``, ...) are top-level, as in
-    compare_rewards; ``checkpoint`` is Social Reward's."""
+    compare_rewards; ``checkpoint`` is Social Reward's. The pool's settings are under ``compute`` (the shape of
+    every actor pool); the flat keys of earlier versions still work (``ALIASES``)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "min_actors": "compute.num_actors", "max_actors": "compute.max_actors", "use_gpu": "compute.use_gpu",
+        "gpus_per_actor": "compute.gpus_per_actor", "cpus_per_actor": "compute.cpus_per_actor",
+        "batch_size": "compute.batch_size", "decode_num_cpus": "compute.decode_num_cpus",
+        "resource_wait_s": "compute.resource_wait_s"}
 
     scorer: str = "social_reward"
     """Which scorer scores the generations: social_reward (an sr-ray checkpoint, with the stages below), any other
@@ -72,19 +90,13 @@ class ScoreConfig(ScorerSettings):
     """torch (bf16 autocast + SDPA on GPU, fp32 on CPU) or deepspeed (deepspeed.init_inference)."""
     compile: bool = False
     """torch.compile the image and text towers (torch backend)."""
-    use_gpu: bool = False
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 0.5
-    min_actors: int = 1
-    max_actors: int = 2
-    """The scorer pool grows from min_actors to max_actors while there is work queued."""
-    batch_size: int = 64
-    """Images per scorer call."""
+    compute: ScoringPoolConfig = field(default_factory=ScoringPoolConfig)
+    """The scorer actors and the decode tasks feeding them (the pool grows from num_actors to max_actors while
+    there is work queued)."""
     decode_batch_size: int = 64
     block_rows: int = 128
     """Rows per Ray Data block between the stages: how often the driver hears back, so the granularity of
     progress lines and shard commits."""
-    decode_num_cpus: float = 0.5
     text_cache_size: int = 100_000
     """Prompt embeddings each actor keeps."""
     torch_threads: int = 0
@@ -97,8 +109,6 @@ class ScoreConfig(ScorerSettings):
     """Prefix of relative image_uri values."""
     s3_endpoint: str | None = None
     ray_address: str | None = None
-    resource_wait_s: float = 300.0
-    """On a cluster that may grow (joined, not started here): how long to wait for room for one scorer actor."""
     progress_every_s: float = 10.0
     demo: dict[str, Any] = field(default_factory=dict)
     """Demo generation set: prompts, images_per_prompt, image_size, seed, bad_rows, rows_per_file, cache_dir."""
@@ -109,9 +119,7 @@ class ScoreConfig(ScorerSettings):
             raise ValueError(f"backend={self.backend} / compile: only the social_reward scorer has them")
         if self.backend not in ("torch", "deepspeed"):
             raise ValueError("backend must be torch or deepspeed")
-        if not 1 <= self.min_actors <= self.max_actors:
-            raise ValueError("need 1 <= min_actors <= max_actors")
-        if self.batch_size < 1 or self.decode_batch_size < 1 or self.block_rows < 1:
+        if self.decode_batch_size < 1 or self.block_rows < 1:
             raise ValueError("batch sizes must be >= 1")
         if not 0.0 <= self.max_reject_rate <= 1.0:
             raise ValueError("max_reject_rate must be in [0, 1]")
@@ -230,7 +238,6 @@ class GenerationScorer:
                  text_cache_size: int = 100_000, torch_threads: int = 0):
         import torch
 
-        from sr_ray.core.ray_utils import in_ray_worker, worker_prints_to_stderr
         from sr_ray.reward.model import tokenizer
         from sr_ray.reward.score import load_model
 
@@ -313,9 +320,6 @@ class AnyScorer:
 
     def __init__(self, name: str, settings: dict, batch_size: int, torch_threads: int = 0):
         import torch
-
-        from sr_ray.core.config import from_dict
-        from sr_ray.core.ray_utils import in_ray_worker, worker_prints_to_stderr
 
         if in_ray_worker():
             worker_prints_to_stderr()
@@ -426,22 +430,20 @@ def build_pipeline(cfg: ScoreConfig, files: list[InputFile], model_cfg: dict | N
     same resources (on CPU: it saves moving float pixels through the object
     store); with ``num_gpus`` on the actors it stays in separate CPU tasks.
     """
-    import ray.data
 
     ds = parquet.read([f.file for f in files], READ, "generations", cfg.s3_endpoint, key_columns=[ID, PROMPT],
-                      max_rows_per_block=cfg.block_rows, num_cpus=cfg.decode_num_cpus)
+                      max_rows_per_block=cfg.block_rows, num_cpus=cfg.compute.decode_num_cpus)
     ds = ds.map_batches(GenerationPreprocessor(model_cfg, cfg.s3_endpoint, cfg.image_root, to_dict(cfg.limits)),
-                        batch_format="numpy", batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
+                        batch_format="numpy", batch_size=cfg.decode_batch_size, num_cpus=cfg.compute.decode_num_cpus)
     if cfg.scorer == "social_reward":
         actor, kwargs = GenerationScorer, {"checkpoint": checkpoint, "backend": cfg.backend, "compile": cfg.compile,
                                            "text_cache_size": cfg.text_cache_size, "torch_threads": cfg.torch_threads}
     else:
         actor, kwargs = AnyScorer, {"name": cfg.scorer, "settings": to_dict(cfg.scorer_settings()),
-                                    "batch_size": cfg.batch_size, "torch_threads": cfg.torch_threads}
+                                    "batch_size": cfg.compute.batch_size, "torch_threads": cfg.torch_threads}
     return ds.map_batches(
-        actor, batch_format="numpy", batch_size=cfg.batch_size, fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0)
+        actor, batch_format="numpy", batch_size=cfg.compute.batch_size, fn_constructor_kwargs=kwargs,
+        **cfg.compute.map_kwargs())
 
 
 class ScoringProgress(ShardCollector):
@@ -473,8 +475,6 @@ class ScoringProgress(ShardCollector):
 
 def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkpoint: str | None) -> ScoringProgress:
     """Score the files in ``todo`` on Ray; empty files are committed without it."""
-    from sr_ray.core.ray_utils import check_resources, init_ray
-
     empty = {f.shard: write_shard(cfg, f, []) for f in todo if f.rows == 0}  # committed without Ray
     todo = [f for f in todo if f.rows]
     prog = ScoringProgress(cfg, todo)
@@ -482,9 +482,9 @@ def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkp
     if not todo:
         return prog
     started = init_ray(cfg.ray_address)
-    check_resources([{"CPU": cfg.cpus_per_actor, **({"GPU": cfg.gpus_per_actor} if cfg.use_gpu else {})},
-                     {"CPU": cfg.decode_num_cpus}], "one scorer actor (cpus_per_actor, gpus_per_actor) and a "
-                    "decode task (decode_num_cpus)", fixed=started, wait_s=cfg.resource_wait_s)
+    check_resources(replace(cfg.compute, num_actors=1).bundles(), "one scorer actor (compute.cpus_per_actor, "
+                    "compute.gpus_per_actor) and a decode task (compute.decode_num_cpus)", fixed=started,
+                    wait_s=cfg.compute.resource_wait_s)
     ds = build_pipeline(cfg, todo, model_cfg, checkpoint)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

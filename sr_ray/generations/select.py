@@ -48,6 +48,8 @@ import pyarrow.compute as pc
 from sr_ray.core import identity, images, parquet, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
 from sr_ray.core.errors import DataError
+from sr_ray.core.ray_utils import init_ray
+from sr_ray.reward.data import read_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +202,6 @@ def pick_per_prompt(score_files: list[str], fs, rows: int):
 # --- pass 2: attach image bytes ----------------------------------------------------------------------------------
 
 def _fetch(uri: str | None, image_root: str | None, endpoint: str | None) -> tuple[bytes | None, str]:
-    from sr_ray.reward.data import read_image_bytes
-
     try:
         return read_image_bytes(uri, image_root, endpoint), ""
     except images.BadImage as e:
@@ -539,8 +539,6 @@ def _report(cfg: SelectConfig, inp: _Inputs, pick: dict, all_stats: list[dict], 
 
 def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     """Best/worst per prompt + regularization -> shuffled fine-tune shards and a report; returns the summary."""
-    from sr_ray.core.ray_utils import init_ray
-
     t0 = time.perf_counter()
     if cfg.scores is None:
         raise ConfigError("scores= is required: the scoring job's output folder (local or s3://); the job "

@@ -17,6 +17,7 @@ import torch
 
 from sr_ray.core import identity, images, stats, storage
 from sr_ray.core.errors import DataError
+from sr_ray.reward.data import triplet_dataset
 from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
 MODEL_FILE = "model.pt"
@@ -136,8 +137,6 @@ def evaluate_split(checkpoint: str, info, model_cfg: dict, data_cfg, batch_size:
     actor start-up, right for small splits); default: 0 up to 20K triplets, else 2.
     """
     import ray.data
-
-    from sr_ray.reward.data import triplet_dataset
 
     if actors is None:
         actors = 0 if info.rows <= 20_000 else 2

@@ -22,8 +22,11 @@ from typing import Any
 
 from sr_ray.core import images, storage
 from sr_ray.core.config import ConfigError, from_dict, set_dotted, to_dict
+from sr_ray.core.logs import setup_logging
+from sr_ray.core.ray_utils import init_ray
 from sr_ray.core.raytrain import absolute_storage
-from sr_ray.reward.train import TrainRewardConfig, steps_per_epoch
+from sr_ray.reward.data import preflight
+from sr_ray.reward.train import TrainRewardConfig, check_config, require_train_split, steps_per_epoch, train_reward
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +152,12 @@ def _trial(config: dict, base: dict, trials_dir: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sr_ray.core.logs import setup_logging
-
     setup_logging()
     cfg = trial_config(base, config)
     trial_id = ray.tune.get_context().get_trial_id()
     log.info("[tune] trial %s %s; free in the cluster: %s", trial_id, json.dumps(config),
              {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")})
     cfg = replace(cfg, run=replace(cfg.run, name=trial_id, storage_path=trials_dir, ray_address=None))
-    from sr_ray.reward.train import train_reward
 
     train_reward(cfg, callbacks=[TuneReportCallback()], score_test=False)
 
@@ -252,10 +252,6 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from sr_ray.core.ray_utils import init_ray
-    from sr_ray.reward.data import preflight
-    from sr_ray.reward.train import check_config, require_train_split
 
     check_search(cfg)
     check_config(cfg.train)

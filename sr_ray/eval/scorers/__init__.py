@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sr_ray.core import identity, storage
+from sr_ray.core.config import to_dict
 from sr_ray.eval.scorers.aesthetic import AestheticConfig
 from sr_ray.eval.scorers.base import Scorer
 from sr_ray.eval.scorers.clip import ClipConfig
@@ -106,8 +107,6 @@ def make_scorer(name: str, settings: ScorerSettings, device: str | None = None, 
 
 def scorer_kwargs(settings: ScorerSettings) -> dict[str, Any]:
     """The settings as a plain dict (what crosses into Ray actors)."""
-    from sr_ray.core.config import to_dict
-
     return to_dict(settings)
 
 
