@@ -178,14 +178,15 @@ def fmt_eta(seconds: float) -> str:
 class Worker:
     """One Ray Train worker's shared state and steps. ``config``: {"cfg": dict, "steps_per_epoch": int,
     "run_dir": str}. Subclasses set ``tag`` (log prefix), ``unit`` (what a row is) and ``rows`` (how the bad-row
-    message names them), build their model, and implement :meth:`run` from :meth:`batches` and :meth:`advance`."""
+    message names them), give :meth:`plan`, build their model, and implement :meth:`run` from :meth:`batches` and
+    :meth:`advance`."""
 
     tag = "train"
     unit = "rows"
     rows = "training rows"
     config_class: type = object
 
-    def __init__(self, config: dict[str, Any], precision: str, batch_size: int, total_steps: int):
+    def __init__(self, config: dict[str, Any]):
         import ray.train
         import ray.train.torch
 
@@ -193,6 +194,7 @@ class Worker:
         setup_logging()
         self.cfg = from_dict(self.config_class, config["cfg"])
         self.steps_per_epoch, self.rdir = int(config["steps_per_epoch"]), config["run_dir"]
+        precision, batch_size, total_steps = self.plan()
         self.total_steps, self.batch_size = total_steps, batch_size
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -205,6 +207,10 @@ class Worker:
         self.last_loss, self.train_time, self.wait = float("nan"), 0.0, 0.0
         self.done_since_log, self.window_t0 = 0, time.perf_counter()
         self.writer = self.local_tb = None
+
+    def plan(self) -> tuple[str, int, int]:
+        """(precision: auto/bf16/fp32, global batch size, total optimizer steps) of ``self.cfg``."""
+        raise NotImplementedError
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)

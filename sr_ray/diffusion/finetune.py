@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sr_ray.core import identity, raytrain, special_token, storage
-from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.core.config import ConfigError, dump_yaml, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.ray_utils import check_resources, init_ray
 from sr_ray.core.raytrain import IDENTITY_FILE, STATE_FILE, absolute_storage, run_dir, worker_bundle
@@ -252,9 +252,7 @@ class FinetuneWorker(raytrain.Worker):
     def __init__(self, config: dict[str, Any]):
         import ray.train
 
-        c = from_dict(FinetuneSDConfig, config["cfg"])
-        spe = int(config["steps_per_epoch"])
-        super().__init__(config, c.deepspeed.precision, c.optim.batch_size, c.optim.max_steps or spe * c.optim.epochs)
+        super().__init__(config)
         cfg = self.cfg
         torch.manual_seed(cfg.optim.seed + self.rank)
         self._build()
@@ -266,6 +264,10 @@ class FinetuneWorker(raytrain.Worker):
             f"trainable: unet {counts['unet']}, text encoder {counts['text_encoder']} (vae {counts['vae']}), "
             f"{self.total_steps} steps, global batch {cfg.optim.batch_size}")
         self.shard = ray.train.get_dataset_shard("train")
+
+    def plan(self) -> tuple[str, int, int]:
+        o = self.cfg.optim
+        return self.cfg.deepspeed.precision, o.batch_size, o.max_steps or self.steps_per_epoch * o.epochs
 
     def _build(self) -> None:
         """Components (VAE frozen), the optimizer and schedule, wrapped by DeepSpeed or DDP."""

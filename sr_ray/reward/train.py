@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sr_ray.core import identity, raytrain, storage
-from sr_ray.core.config import ConfigError, dump_yaml, from_dict, to_dict
+from sr_ray.core.config import ConfigError, dump_yaml, to_dict
 from sr_ray.core.ray_utils import check_resources, init_ray
 from sr_ray.core.raytrain import (
     IDENTITY_FILE,
@@ -209,9 +209,7 @@ class RewardWorker(raytrain.Worker):
         import ray.train
         import ray.train.torch
 
-        c = from_dict(TrainRewardConfig, config["cfg"])
-        super().__init__(config, c.scaling.precision, c.optim.batch_size,
-                         int(config["steps_per_epoch"]) * c.optim.epochs)
+        super().__init__(config)
         cfg = self.cfg
         _seed_all(cfg.optim.seed)
         model = self._build()
@@ -223,6 +221,10 @@ class RewardWorker(raytrain.Worker):
                               f"global batch {cfg.optim.batch_size}")
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val") if "val" in config.get("splits", ["val"]) else None
+
+    def plan(self) -> tuple[str, int, int]:
+        o = self.cfg.optim
+        return self.cfg.scaling.precision, o.batch_size, self.steps_per_epoch * o.epochs
 
     def _build(self) -> RewardModel:
         """The model (frozen per config), its AdamW over the trainable parameters and the LR schedule."""
