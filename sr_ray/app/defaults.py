@@ -51,7 +51,7 @@ from sr_ray.eval.compare import CompareConfig
 from sr_ray.eval.t2i import EvaluateT2IConfig, internal_prompts
 from sr_ray.generations import score as batch_score
 from sr_ray.generations import select
-from sr_ray.generations.score import ScoreConfig, ScoringPoolConfig
+from sr_ray.generations.score import ScoreConfig
 from sr_ray.generations.select import SelectConfig
 from sr_ray.reward import train, tune
 from sr_ray.reward.data import DataConfig
@@ -185,8 +185,7 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     """The selection job: the scores given, else the scoring demo's (scored first when missing) with the demo
     regularization set."""
     if cfg.scores is None:
-        sc = ScoreConfig(compute=ScoringPoolConfig(num_actors=1, max_actors=1, cpus_per_actor=0.5,
-                                                   decode_num_cpus=0.5), ray_address=cfg.ray_address)
+        sc = replace(load_config(ScoreConfig, preset_path("score_generations", "demo")), ray_address=cfg.ray_address)
         if not storage.exists(storage.join(sc.out, "_summary.json")):
             log.info("[select] no demo scores in %s yet: running the scoring job's demo first", sc.out)
             score_generations(sc)
