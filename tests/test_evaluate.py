@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sr_ray.core.config import ConfigError
+from sr_ray.core.prompt_files import read_prompt_file
 from sr_ray.demo.prompts import ensure_demo_prompt_files
 from sr_ray.diffusion.generate import (
     GenComputeConfig,
@@ -20,7 +21,6 @@ from sr_ray.diffusion.generate import (
     generate,
     image_seed,
     load_prompt_sets,
-    read_prompt_file,
 )
 from sr_ray.eval.scorers import BUILTIN, PAPER_METRICS
 from sr_ray.eval.scorers.social_reward import SocialRewardConfig

@@ -31,9 +31,7 @@ refused.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -47,6 +45,7 @@ import pyarrow as pa
 
 from sr_ray.core import identity, images, special_token, storage
 from sr_ray.core.config import ConfigError, to_dict
+from sr_ray.core.prompt_files import read_prompt_file
 from sr_ray.core.ray_utils import ActorPoolConfig, init_ray, worker_prints_to_stderr
 from sr_ray.core.shards import ShardCollector
 
@@ -57,7 +56,6 @@ GENERATIONS_SCHEMA = pa.schema([
     ("prompt_index", pa.int64()), ("image_index", pa.int64()), ("prompt", pa.string()),
     ("negative_prompt", pa.string()), ("seed", pa.int64()), ("image", pa.binary())])
 SETTINGS_FILE = "_generate.json"
-PROMPT_COLUMNS = ("prompt", "Prompt", "PROMPT", "caption", "text")
 
 
 @dataclass
@@ -126,35 +124,6 @@ class GenerateConfig:
 
 
 # ---------------------------------------------------------------- prompts
-
-def read_prompt_file(uri: str, endpoint: str | None = None) -> list[str]:
-    """The prompts of one file (see the module doc); ConfigError naming the file when it has none or no column."""
-    data = storage.read_bytes(uri, endpoint)
-    suffix = Path(uri).suffix.lower()
-    if suffix in (".txt", ""):
-        lines = data.decode("utf-8").splitlines()
-        prompts = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
-    else:
-        import pandas as pd
-
-        if suffix in (".csv", ".tsv"):
-            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8")), delimiter="\t" if suffix == ".tsv" else ","))
-            df = pd.DataFrame(rows)
-        elif suffix == ".parquet":
-            df = pd.read_parquet(io.BytesIO(data))
-        elif suffix == ".jsonl":
-            df = pd.read_json(io.BytesIO(data), lines=True)
-        else:
-            raise ConfigError(f"prompts: {uri}: unknown format {suffix} (txt, csv, tsv, parquet, jsonl)")
-        col = next((c for c in PROMPT_COLUMNS if c in df.columns), None)
-        if col is None:
-            raise ConfigError(f"prompts: {uri} has no prompt column (one of {PROMPT_COLUMNS}); "
-                              f"columns: {list(df.columns)}")
-        prompts = [str(p).strip() for p in df[col].dropna() if str(p).strip()]
-    if not prompts:
-        raise ConfigError(f"prompts: {uri} holds no prompts")
-    return prompts
-
 
 def load_prompt_sets(files: list[str], max_prompts: int = 0, endpoint: str | None = None) -> dict[str, list[str]]:
     """{set name: prompts} from files (each set's duplicates dropped, order kept)."""
