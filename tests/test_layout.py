@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from sr_ray.core.config import ConfigError
 
-ORDER = ["core", "demo", "reward", "curation", "diffusion", "eval", "generations", "bench", "app"]
+ORDER = ["core", "demo", "reward", "curation", "diffusion", "eval", "analysis", "generations", "bench", "app"]
 """Rooms, lowest first: a module may import its own room and the rooms before it."""
 
 

@@ -13,6 +13,7 @@ becomes the previous stage's demo output, made once and cached:
     generate           no prompts      -> the demo prompt sets
     evaluate_t2i       no prompts      -> demo sets (+ the run's held-out prompts); finetune_demo -> a run
     compare_rewards    no test         -> the reward demo run's test split and checkpoint
+    analyze_prompts    no datasets     -> the simulated community's log + the public prompt sets (PROMPT_SETS)
 
 This is the only module that calls one stage for another's input; the stages below it never do.
 """
@@ -27,6 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sr_ray.analysis import prompts as prompt_analysis
+from sr_ray.analysis.prompts import AnalyzePromptsConfig
 from sr_ray.core import special_token, storage
 from sr_ray.core.config import ConfigError, load_config, preset_path, to_dict
 from sr_ray.core.ray_utils import init_ray
@@ -40,7 +43,7 @@ from sr_ray.demo.data import (
     ensure_demo_generations,
     ensure_demo_regularization,
 )
-from sr_ray.demo.prompts import ensure_demo_prompt_files
+from sr_ray.demo.prompts import demo_prompt_sets, ensure_community_log, ensure_demo_prompt_files
 from sr_ray.diffusion import finetune as sd_finetune
 from sr_ray.diffusion import generate as sd_generate
 from sr_ray.diffusion.finetune import FinetuneSDConfig
@@ -268,3 +271,43 @@ def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
     if "social_reward" in cfg.scorers and not cfg.social_reward.checkpoint:
         cfg = replace(cfg, social_reward=replace(cfg.social_reward, checkpoint=run["checkpoint"]))
     return reward_compare.compare_rewards(cfg)
+
+
+# ---------------------------------------------------------------- prompt analysis
+
+PUBLIC_PROMPT_SETS = {"parti": "parti_prompts.tsv", "imagereward": "imagereward_test_prompts.tsv"}
+"""The two public prompt sets (PartiPrompts; ImageReward's test prompts, from DiffusionDB) the analysis demo
+compares with the community. They are not shipped: the job looks for them in $SR_RAY_PROMPT_SETS, then in
+../shared/data/prompts beside the working directory and beside the repository."""
+
+
+def public_prompt_dir() -> Path | None:
+    """The first folder holding both public prompt sets, or None."""
+    here = Path(__file__).resolve().parents[2]
+    places = [os.environ.get("SR_RAY_PROMPT_SETS"), Path.cwd().parent / "shared" / "data" / "prompts",
+              here.parent / "shared" / "data" / "prompts"]
+    for p in filter(None, places):
+        if all((Path(p) / f).is_file() for f in PUBLIC_PROMPT_SETS.values()):
+            return Path(p)
+    return None
+
+
+def analysis_datasets(cache_dir: str = "~/.cache/sr-ray/demo") -> list[str]:
+    """``name=uri`` of the analysis demo: the community's log and the public sets (else a demo phrasing set)."""
+    items = [f"community={ensure_community_log(cache_dir)}"]
+    found = public_prompt_dir()
+    if found is not None:
+        return items + [f"{name}={found / f}" for name, f in PUBLIC_PROMPT_SETS.items()]
+    log.warning("[analyze] the public prompt sets (%s) are in none of $SR_RAY_PROMPT_SETS, ../shared/data/prompts: "
+                "comparing the community with the demo's 'general' phrasing instead", list(PUBLIC_PROMPT_SETS.values()))
+    general = Path(os.path.expanduser(cache_dir)) / "analysis-general.txt"
+    general.parent.mkdir(parents=True, exist_ok=True)
+    general.write_text("\n".join(demo_prompt_sets(n=200)["general"]) + "\n")
+    return items + [f"general={general}"]
+
+
+def analyze_prompts(cfg: AnalyzePromptsConfig) -> dict[str, Any]:
+    """The prompt analysis: the datasets given, else the community's prompts and the public prompt sets."""
+    if not cfg.datasets:
+        cfg = replace(cfg, datasets=analysis_datasets())
+    return prompt_analysis.analyze_prompts(cfg)

@@ -46,6 +46,9 @@ JOBS: dict[str, Job] = {
                         "baseline vs fine-tuned under six metrics (Tables 5-6)", chained=True),
     "compare_rewards": Job("sr_ray.eval.compare:CompareConfig:compare_rewards",
                            "reward models' pairwise accuracy on preference sets (Tables 3-4)", chained=True),
+    "analyze_prompts": Job("sr_ray.analysis.prompts:AnalyzePromptsConfig:analyze_prompts",
+                           "how far apart are communities' prompts: clusters + KL (Table 2, Figs. 3/4/8)",
+                           chained=True),
     "rank_images": Job("sr_ray.eval.figures:RankImagesConfig:rank_images",
                        "one prompt's images ranked by a scorer, as a picture (Figs. 6/9)"),
     "verify_scorers": Job("sr_ray.bench.verify_scorers:VerifyScorersConfig:verify_scorers",
@@ -61,6 +64,9 @@ JOBS: dict[str, Job] = {
                               "sr_ray.bench.finetune:format_table"),
     "benchmark_scorers": Job("sr_ray.bench.scorers:BenchScorersConfig:bench_scorers",
                              "each scorer's throughput vs its model alone", "sr_ray.bench.scorers:format_table"),
+    "benchmark_prompts": Job("sr_ray.bench.prompts:BenchPromptsConfig:bench_prompts",
+                             "prompt analysis: embedding prompts/s, Ward time/memory 6K-60K",
+                             "sr_ray.bench.prompts:format_table"),
 }
 
 

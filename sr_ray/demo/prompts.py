@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from sr_ray.core import images
+from sr_ray.core.config import to_dict
+from sr_ray.demo.community import CommunityConfig, config_hash, simulate
 from sr_ray.demo.data import SUBJECTS, cached_dir, draw_prompt
 
 DEMO_SETS = {
@@ -53,3 +55,16 @@ def ensure_demo_prompt_files(cache_dir: str = "~/.cache/sr-ray/demo", n: int = 1
 
     cached_dir(root, write, {"n": n, "seed": seed}, "demo prompt sets")
     return {name: str(root / f"{name}.txt") for name in sets}
+
+
+COMMUNITY_PROMPT_IMAGES = 80_000
+"""Platform-log rows of the community whose prompts the prompt analysis compares (~6.6K distinct prompts:
+more than the paper's 6,000 per dataset)."""
+
+
+def ensure_community_log(cache_dir: str = "~/.cache/sr-ray/demo", images_n: int = COMMUNITY_PROMPT_IMAGES,
+                         seed: int = 0) -> str:
+    """The simulated community's platform log (log only, no images), written once: its ``log/`` folder."""
+    cfg = CommunityConfig(seed=seed, images=images_n, write_images=False)
+    root = Path(os.path.expanduser(cache_dir)) / f"community-log-{config_hash(to_dict(cfg))}"
+    return simulate(cfg, str(root))
