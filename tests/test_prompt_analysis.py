@@ -141,8 +141,6 @@ def test_prompts_from_every_source(tmp_path, s3_bucket):
 
 
 def test_bad_inputs_are_named_before_ray_starts(tmp_path, monkeypatch):
-    import ray
-
     def no_ray(*a, **k):
         raise AssertionError("Ray started before the inputs were checked")
 
@@ -160,7 +158,7 @@ def test_bad_inputs_are_named_before_ray_starts(tmp_path, monkeypatch):
     for datasets, extra, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             analyze_prompts(AnalyzePromptsConfig(datasets=datasets, out=str(tmp_path / "out"), **extra))
-    assert not ray.is_initialized()
+    # (each error came before init_ray: a call to it raises AssertionError, which pytest.raises would not catch)
     with pytest.raises(ConfigError, match="not a sentence-transformers model folder"):
         analyze_prompts(from_dict(AnalyzePromptsConfig, {"datasets": [f"a={good}", f"b={good}"],
                                                           "embed": {"model": str(tmp_path)}}))
@@ -202,10 +200,12 @@ def test_planted_communities_separate_and_same_source_does_not(tmp_path, s3_buck
     storage.write_parquet(pa.table({"prompt": planted("machines", 240, 3), "pos_image": [b"img"] * 240}),
                           f"s3://{s3_bucket}/machines/train/part-00000.parquet")
     out = tmp_path / "out"
-    summary = main([f"datasets=[nature_a={tmp_path / 'nature_a.txt'},nature_b={tmp_path / 'nature_b.tsv'},"
-                    f"machines=s3://{s3_bucket}/machines/train]", "sample_per_dataset=200", "clusters=8", "n_boot=400",
-                    f"out={out}", "embed.cpus_per_actor=0.5", "embed.batch_size=64"])
+    argv = [f"datasets=[nature_a={tmp_path / 'nature_a.txt'},nature_b={tmp_path / 'nature_b.tsv'},"
+            f"machines=s3://{s3_bucket}/machines/train]", "sample_per_dataset=200", "clusters=8", "n_boot=400",
+            f"out={out}", "embed.cpus_per_actor=0.5", "embed.batch_size=64"]
+    summary = main(argv)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    assert summary["embeddings_reused"] is False
     assert summary["datasets"] == ["nature_a", "nature_b", "machines"]
     assert summary["prompts_per_dataset"] == {"nature_a": 200, "nature_b": 200, "machines": 200}
     assert sum(summary["dropped_non_english"].values()) <= 3  # English prompts: at most a rare wrong drop
@@ -227,6 +227,11 @@ def test_planted_communities_separate_and_same_source_does_not(tmp_path, s3_buck
     assert any(v in machines_part for v in VEHICLES) and not any(f" {a} " in machines_part for a in ANIMALS)
     csv = pd.read_csv(out / "table2.csv")
     assert len(csv) == 6 and set(csv.columns) >= {"p", "q", "kl", "ci_low", "ci_high", "js", "null_p95", "p_value"}
+    dist = pd.read_csv(out / "distributions.csv")
+    assert len(dist) == 8 and dist[["nature_a", "nature_b", "machines"]].sum().tolist() == pytest.approx([1, 1, 1])
+    again = main(argv + ["tsne=false"])  # a re-run: the embeddings are not computed again, the same clusters
+    assert again["embeddings_reused"] is True and again["kl"] == summary["kl"]
+    assert pd.read_parquet(out / "clusters.parquet")["cluster"].tolist() == rows["cluster"].tolist()
 
 
 @pytest.mark.extended

@@ -73,6 +73,7 @@ def read_set(folder):
     return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("part-*.parquet"))])
 
 
+@pytest.mark.extended  # ~1 min: kept out of the default suite for its 12-minute budget; .ci/run runs it
 def test_selection_picks_true_best_and_worst_and_mixes_regularization(ray_cluster, tmp_path):
     gen, scores, reg = write_inputs(tmp_path)
     cfg = SelectConfig(scores=str(tmp_path / "scores"), regularization=str(tmp_path / "reg.parquet"),

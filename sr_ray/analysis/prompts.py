@@ -10,12 +10,16 @@
     5. each dataset's distribution over the clusters, and KL both ways, JS, bootstrap intervals and a shuffle
        null for every pair (:mod:`sr_ray.analysis.divergence`).
 
-Every bad input (a dataset that does not exist, has no prompt column, no English prompt, or fewer prompts in
+The embeddings are kept under ``<out>/_embeddings/`` (keyed by the model and the prompts), so a re-run does
+not embed again. Every bad input (a dataset that does not exist, has no prompt column, no English prompt, or fewer prompts in
 all than ``clusters``) is a ConfigError naming it, before Ray starts. Outputs: :mod:`sr_ray.analysis.report`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import re
 import time
@@ -162,14 +166,32 @@ def read_samples(cfg: AnalyzePromptsConfig) -> dict[str, Sample]:
     return samples
 
 
+def embeddings(cfg: AnalyzePromptsConfig, texts: list[str]) -> tuple[np.ndarray, bool]:
+    """(the texts' embeddings, reused): kept in ``<out>/_embeddings/<key>.npy``, the key a hash of the model and
+    the texts, so a re-run (after a crash in clustering or plotting, or with other clustering keys) does not
+    embed again. Read back with ``allow_pickle=False``."""
+    key = hashlib.sha256(json.dumps([cfg.embed.model, texts]).encode()).hexdigest()[:16]
+    uri = storage.join(cfg.out, "_embeddings", f"{key}.npy")
+    if storage.exists(uri, cfg.s3_endpoint):
+        emb = np.load(io.BytesIO(storage.read_bytes(uri, cfg.s3_endpoint)), allow_pickle=False)
+        if emb.shape[0] == len(texts):
+            log.info("[analyze] embeddings of these %d prompts reused from %s", len(texts), uri)
+            return emb, True
+    started = init_ray(cfg.ray_address)
+    emb = embed_texts(texts, cfg.embed, fixed_cluster=started, progress_every_s=cfg.progress_every_s)
+    buf = io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    storage.write_bytes(uri, buf.getvalue(), cfg.s3_endpoint)
+    return emb, False
+
+
 def analyze_prompts(cfg: AnalyzePromptsConfig) -> dict:
     """Run the analysis (see the module doc); returns the JSON summary."""
     t0 = time.perf_counter()
     samples = read_samples(cfg)
     frame = pd.DataFrame([(name, p) for name, s in samples.items() for p in s.prompts], columns=["dataset", "prompt"])
     frame["text"] = [first_words(p, cfg.first_words) for p in frame["prompt"]]
-    started = init_ray(cfg.ray_address)
-    emb = embed_texts(frame["text"].tolist(), cfg.embed, fixed_cluster=started, progress_every_s=cfg.progress_every_s)
+    emb, reused = embeddings(cfg, frame["text"].tolist())
     t_cluster = time.perf_counter()
     labels, how = cluster.cluster_points(emb, cfg.clusters, frame["dataset"].to_numpy(), cfg.max_ward_points, cfg.seed)
     frame["cluster"] = labels
@@ -190,7 +212,7 @@ def analyze_prompts(cfg: AnalyzePromptsConfig) -> dict:
     summary = {
         "datasets": list(samples), "prompts_per_dataset": {n: len(s.prompts) for n, s in samples.items()},
         "dropped_non_english": {n: s.dropped_non_english for n, s in samples.items()},
-        "clusters": cfg.clusters, "clustering": how,
+        "clusters": cfg.clusters, "clustering": how, "embeddings_reused": reused,
         "kl": {a: {b: d.as_dict() for b, d in row.items()} for a, row in div.items()},
         "out": cfg.out, "wall_s": round(time.perf_counter() - t0, 1)}
     report.write_summary(cfg, summary)

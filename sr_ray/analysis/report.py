@@ -2,6 +2,7 @@
 
 - ``table2.md`` / ``table2.csv``: KL(row || column) for every ordered pair with its bootstrap interval (the
   paper's Table 2), then Jensen-Shannon and the label-shuffle null;
+- ``distributions.csv``: each dataset's share of its prompts per cluster (a row per cluster);
 - ``clusters.png``: each dataset's share of prompts per cluster (Fig. 4);
 - ``tsne.png``: the 2-D t-SNE of the sample coloured by dataset (Fig. 8);
 - ``themes.md``: per dataset, the clusters that add most to KL(dataset || the others pooled), with their top
@@ -149,7 +150,9 @@ def write_all(cfg, frame: pd.DataFrame, div, words: dict[int, list[str]], counts
     kl_md, js_md = kl_markdown(div, cfg.level), js_markdown(div)
     w("table2.md", f"{kl_md}\n\n{js_md}\n")
     w("table2.csv", table_frame(div).to_csv(index=False))
-    w("clusters.png", plot_clusters(shares(frame, cfg.clusters)))
+    sh = shares(frame, cfg.clusters)
+    w("distributions.csv", sh.rename_axis("cluster").reset_index().to_csv(index=False))
+    w("clusters.png", plot_clusters(sh))
     if cfg.tsne:
         w("tsne.png", plot_tsne(frame))
     th = themes(frame, cfg.clusters, cfg.smoothing, cfg.themes_per_dataset)
