@@ -49,6 +49,8 @@ JOBS: dict[str, Job] = {
     "analyze_prompts": Job("sr_ray.analysis.prompts:AnalyzePromptsConfig:analyze_prompts",
                            "how far apart are communities' prompts: clusters + KL (Table 2, Figs. 3/4/8)",
                            chained=True),
+    "export": Job("sr_ray.reward.export:ExportConfig:export",
+                  "a reward checkpoint -> an open_clip / Hugging Face model folder (+ push_to_hub)"),
     "rank_images": Job("sr_ray.eval.figures:RankImagesConfig:rank_images",
                        "one prompt's images ranked by a scorer, as a picture (Figs. 6/9)"),
     "verify_scorers": Job("sr_ray.bench.verify_scorers:VerifyScorersConfig:verify_scorers",

@@ -21,6 +21,10 @@ from sr_ray.reward.data import triplet_dataset
 from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, image_transform, preprocess_cfg, tokenizer
 
 MODEL_FILE = "model.pt"
+EXPORT_CONFIG = "open_clip_config.json"
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
+"""An exported model folder (:mod:`sr_ray.reward.export`): open_clip's hub layout, safetensors weights."""
+HUB_PREFIX = "hf-hub:"
 
 
 def pairwise_accuracy(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> tuple[float, int]:
@@ -91,8 +95,30 @@ def read_checkpoint(checkpoint: str, mmap: bool = False) -> dict:
     return blob
 
 
+def exported_folder(checkpoint: str) -> str | None:
+    """The local folder of an exported model (a folder, an s3:// folder copied once, or ``hf-hub:org/name``
+    downloaded by huggingface_hub), or None when ``checkpoint`` is not one."""
+    if checkpoint.startswith(HUB_PREFIX):
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(checkpoint[len(HUB_PREFIX):])
+    try:
+        local = Path(_local_copy(str(checkpoint)))
+    except (OSError, ValueError):
+        return None
+    if (local / EXPORT_CONFIG).is_file() and (local / EXPORT_WEIGHTS).is_file() and not (local / MODEL_FILE).exists():
+        return str(local.resolve())
+    return None
+
+
 def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[RewardModel, ModelConfig]:
-    """A checkpoint folder (local or s3://) -> (RewardModel in eval mode, its ModelConfig)."""
+    """A checkpoint folder or an exported model folder (local or s3://, or ``hf-hub:org/name``) ->
+    (RewardModel in eval mode, its ModelConfig). An export's weights are safetensors, loaded by open_clip."""
+    exported = exported_folder(checkpoint)
+    if exported is not None:
+        cfg = ModelConfig(name=f"local-dir:{exported}", pretrained=None, unfreeze_vision_blocks=0,
+                          unfreeze_text_blocks=0)
+        return RewardModel(build_clip(cfg)).to(device).eval(), cfg
     blob = read_checkpoint(checkpoint)
     cfg = ModelConfig(**blob["model_config"])
     clip = build_clip(cfg, load_weights=not blob["full"])
