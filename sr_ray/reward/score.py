@@ -129,6 +129,29 @@ def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[Rew
     return model, cfg
 
 
+def preprocess_pixels(x: torch.Tensor, pcfg: dict) -> torch.Tensor:
+    """open_clip's eval transform on a (B, 3, H, W) float tensor in [0, 1], differentiably: resize (shortest side,
+    or squash) with antialiased bicubic/bilinear, centre crop, normalize."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    size = pcfg["size"]
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    mode = InterpolationMode.BILINEAR if pcfg.get("interpolation") == "bilinear" else InterpolationMode.BICUBIC
+    resize_mode = pcfg.get("resize_mode") or "shortest"
+    if resize_mode == "squash":
+        x = TF.resize(x, list(size), interpolation=mode, antialias=True) if tuple(x.shape[-2:]) != size else x
+    elif resize_mode == "shortest" and size[0] == size[1]:
+        if min(x.shape[-2:]) != size[0]:
+            x = TF.resize(x, size[0], interpolation=mode, antialias=True)
+        x = TF.center_crop(x, list(size))
+    else:
+        raise ValueError(f"score_pixels: resize_mode {resize_mode!r} with size {size} is not supported")
+    mean = torch.tensor(pcfg["mean"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(pcfg["std"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def inference_autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 (no autocast) elsewhere."""
     if device.type == "cuda":
@@ -227,6 +250,24 @@ class RewardScorer:
             return images.decode(bytes(x))
         return images.decode(storage.read_bytes(str(x)))
 
+    def score_pixels(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Differentiable scores of (B, 3, H, W) pixels in [0, 1]: the model's preprocessing done in torch (resize,
+        centre crop, normalize), so gradients reach the pixels (ReFL / DRaFT-style direct reward fine-tuning).
+        Matches :meth:`score` exactly when no resize is needed; a resize is torch's antialiased bicubic instead
+        of PIL's (see tests/test_rl.py for the measured difference)."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels: expected (B, 3, H, W) in [0, 1], got {tuple(pixels.shape)}")
+        prompts = [prompts] * len(pixels) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(pixels):
+            raise ValueError(f"{len(prompts)} prompts for {len(pixels)} images")
+        x = preprocess_pixels(pixels.to(self.device, torch.float32), preprocess_cfg(self.cfg))
+        uniq = sorted(set(prompts))
+        with inference_autocast(self.device):
+            t = self.model.encode_text(self.tokenizer(uniq).to(self.device))
+            im = self.model.encode_image(x)
+        idx = torch.tensor([uniq.index(p) for p in prompts], device=self.device)
+        return RewardModel.score(t[idx], im).float()
+
     @torch.no_grad()
     def score(self, prompts: str | Sequence[str], imgs: Iterable) -> np.ndarray:
         imgs = list(imgs)
@@ -247,3 +288,30 @@ class RewardScorer:
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
+
+
+def reward_fn(checkpoint: str, device: str | None = None, batch_size: int = 64):
+    """A reward for diffusion RL trainers, in the DDPO signature (TRL's former ``DDPOTrainer``, ddpo-pytorch;
+    Flow-GRPO and DanceGRPO call theirs the same way): ``fn(images, prompts, metadata) -> (scores, metadata)``.
+
+    ``images``: a (B, 3, H, W) float tensor in [0, 1] (a pipeline's ``output_type="pt"``), a (B, H, W, 3) uint8
+    array, or a list of PIL images / encoded bytes / paths; ``prompts``: B strings; ``scores``: a (B,) float32
+    CPU tensor, no gradient (use :meth:`RewardScorer.score_pixels` for gradients). ``checkpoint``: a checkpoint,
+    a run's checkpoint, or an exported folder (local, s3://, hf-hub:org/name).
+    """
+    scorer = RewardScorer(checkpoint, device=device, batch_size=batch_size)
+
+    def fn(images, prompts, metadata=None):
+        prompts = list(prompts) if not isinstance(prompts, str) else [prompts] * len(images)
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3:
+            images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        if torch.is_tensor(images):
+            with torch.no_grad():
+                parts = [scorer.score_pixels(images[s:s + batch_size], prompts[s:s + batch_size]).cpu()
+                         for s in range(0, len(images), batch_size)]
+            scores = torch.cat(parts) if parts else torch.zeros(0)
+        else:
+            scores = torch.from_numpy(scorer.score(prompts, images))
+        return scores.float(), {"reward_model": storage.redact(str(checkpoint))}
+
+    return fn
