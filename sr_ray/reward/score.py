@@ -8,6 +8,7 @@ rest comes from the ``pretrained`` weights named in ``model_config``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -111,9 +112,24 @@ def exported_folder(checkpoint: str) -> str | None:
     return None
 
 
+def run_checkpoint(uri: str) -> str:
+    """A training run folder -> the best checkpoint its ``summary.json`` names; anything else as it is."""
+    uri = str(uri)
+    if uri.startswith(HUB_PREFIX) or storage.exists(storage.join(uri, MODEL_FILE)) or \
+            storage.exists(storage.join(uri, EXPORT_CONFIG)):
+        return uri
+    summary = storage.join(uri, "summary.json")
+    if storage.exists(summary):
+        best = json.loads(storage.read_bytes(summary)).get("checkpoint")
+        if best:
+            return best
+    return uri
+
+
 def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[RewardModel, ModelConfig]:
-    """A checkpoint folder or an exported model folder (local or s3://, or ``hf-hub:org/name``) ->
-    (RewardModel in eval mode, its ModelConfig). An export's weights are safetensors, loaded by open_clip."""
+    """A checkpoint folder, a training run (its best checkpoint) or an exported model folder (local or s3://, or
+    ``hf-hub:org/name``) -> (RewardModel in eval mode, its ModelConfig). An export's weights are safetensors."""
+    checkpoint = run_checkpoint(checkpoint)
     exported = exported_folder(checkpoint)
     if exported is not None:
         cfg = ModelConfig(name=f"local-dir:{exported}", pretrained=None, unfreeze_vision_blocks=0,
@@ -297,8 +313,12 @@ def reward_fn(checkpoint: str, device: str | None = None, batch_size: int = 64):
     ``images``: a (B, 3, H, W) float tensor in [0, 1] (a pipeline's ``output_type="pt"``), a (B, H, W, 3) uint8
     array, or a list of PIL images / encoded bytes / paths; ``prompts``: B strings; ``scores``: a (B,) float32
     CPU tensor, no gradient (use :meth:`RewardScorer.score_pixels` for gradients). ``checkpoint``: a checkpoint,
-    a run's checkpoint, or an exported folder (local, s3://, hf-hub:org/name).
+    a run's checkpoint, or an exported folder (local, s3://, hf-hub:org/name), or the URL of a running
+    ``sr-ray serve`` app (``http://host:8000``): then images are sent as PNG to its ``/score``, where they join
+    its batches.
     """
+    if str(checkpoint).startswith(("http://", "https://")):
+        return _served_reward(str(checkpoint).rstrip("/"), batch_size)
     scorer = RewardScorer(checkpoint, device=device, batch_size=batch_size)
 
     def fn(images, prompts, metadata=None):
@@ -313,5 +333,38 @@ def reward_fn(checkpoint: str, device: str | None = None, batch_size: int = 64):
         else:
             scores = torch.from_numpy(scorer.score(prompts, images))
         return scores.float(), {"reward_model": storage.redact(str(checkpoint))}
+
+    return fn
+
+
+def _as_pil_list(images) -> list:
+    from PIL import Image
+
+    if torch.is_tensor(images):
+        images = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if isinstance(images, np.ndarray):
+        return [Image.fromarray(a) for a in images]
+    return [x if isinstance(x, Image.Image) else
+            images.decode(bytes(x) if isinstance(x, (bytes, bytearray)) else storage.read_bytes(str(x)))
+            for x in images]
+
+
+def _served_reward(url: str, batch_size: int):
+    """The DDPO-style reward as a client of a Serve app's ``/score`` (one request per ``batch_size`` images)."""
+    import base64
+    import urllib.request
+
+    def fn(imgs, prompts, metadata=None):
+        pil = _as_pil_list(imgs)
+        prompts = [prompts] * len(pil) if isinstance(prompts, str) else list(prompts)
+        out = []
+        for s in range(0, len(pil), batch_size):
+            items = [{"prompt": p, "images": [base64.b64encode(images.encode_png(im)).decode()]}
+                     for p, im in zip(prompts[s:s + batch_size], pil[s:s + batch_size])]
+            req = urllib.request.Request(f"{url}/score", data=json.dumps(items).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                out += [x["scores"][0] for x in json.loads(r.read())["results"]]
+        return torch.tensor(out, dtype=torch.float32), {"reward_model": url}
 
     return fn
