@@ -181,6 +181,7 @@ def sd_dirs(tmp_path_factory):
     return root
 
 
+@pytest.mark.extended  # ~70 s: out of the default suite for its 12-minute budget; .ci/run runs it
 def test_evaluation_job_tables_grids_best_of_n_and_resume(ray_cluster, sd_dirs, tmp_path):
     (tmp_path / "internal.txt").write_text("a red cat, watercolor\na blue house, photo\na green kite, sticker\n")
     (tmp_path / "general.txt").write_text("a photo of a cat\na photo of a boat\n")
