@@ -13,7 +13,7 @@ Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 Every image of every request waiting in a replica joins one batch (``@serve.batch``: up to ``max_batch_size``
 images, waiting at most ``batch_wait_timeout_s``); each distinct prompt of a batch is encoded once, and recent
 prompts' embeddings are kept (``prompt_cache``). Bad input is a 4xx with the reason, checked before it joins a
-batch (bad JSON or shape 422; empty prompt, undecodable image, too many images 400; too large 413), so one
+batch (bad JSON 400, a wrong shape 422; empty prompt, undecodable image, too many images 400; too large 413), so one
 request never fails another's batch nor the replica.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types in the Serve proxy,
@@ -30,7 +30,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from sr_ray.core import images
@@ -72,6 +72,17 @@ class ServeConfig:
             raise ValueError("max_batch_size, max_images_per_request and min_replicas must be >= 1")
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
+
+
+ITEM_SCHEMA = {"type": "object", "required": ["prompt", "images"],
+               "properties": {"prompt": {"type": "string"},
+                              "images": {"type": "array", "items": {"type": "string"},
+                                         "description": "base64 (or a data: URL) or an http(s) URL per image"}}}
+REQUEST_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "oneOf": [ITEM_SCHEMA, {"type": "array", "items": ITEM_SCHEMA}]},
+    "example": {"prompt": "a red cat", "images": ["<base64 PNG>"]}}}}}
+"""The request body as the OpenAPI docs show it. The body is parsed by the handler itself, whatever its
+Content-Type (``curl -d`` sends a form type), so a bad one gets this app's own 4xx and reason."""
 
 
 class BadRequest(ValueError):
@@ -242,14 +253,13 @@ def build_app(cfg: ServeConfig):
                 self.replica.stats["rejected"] += 1
                 return JSONResponse({"error": str(e)}, status_code=e.status)
 
-        @api.post("/score", summary="Scores of images for a prompt (or of a list of such items)")
-        async def score(self, request: Request,
-                        payload: dict | list = Body(None, examples=[{"prompt": "a red cat", "images": ["<base64>"]}])):
+        @api.post("/score", summary="Scores of images for a prompt (or of a list of such items)",
+                  openapi_extra=REQUEST_DOC)
+        async def score(self, request: Request):
             return await self.answer(request, rank=False)
 
-        @api.post("/rank", summary="N images of one prompt, best first (best-of-N)")
-        async def rank(self, request: Request, payload: dict = Body(None, examples=[{"prompt": "a red cat",
-                                                                                   "images": ["<b64>", "<b64>"]}])):
+        @api.post("/rank", summary="N images of one prompt, best first (best-of-N)", openapi_extra=REQUEST_DOC)
+        async def rank(self, request: Request):
             return await self.answer(request, rank=True)
 
         @api.get("/healthz")
@@ -287,12 +297,19 @@ def start(cfg: ServeConfig, blocking: bool = True) -> str:
 
 
 def serve_job(cfg: ServeConfig) -> dict:
-    """``sr-ray serve``: start the app and keep it up until interrupted (Ctrl-C); the summary when it stops."""
+    """``sr-ray serve``: start the app and keep it up until Ctrl-C or SIGTERM (what a process manager sends; a
+    background process started by a script has SIGINT ignored); the summary when it stops."""
+    import signal
     import time
 
     from ray import serve
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
     url = start(cfg, blocking=False)
+    signal.signal(signal.SIGTERM, stop)  # after Ray's start, which installs its own
+    signal.signal(signal.SIGINT, stop)
     print(f"sr-ray serve: {url}  (POST /score, POST /rank, GET /healthz, docs at {url}/docs; Ctrl-C stops)",
           file=sys.stderr, flush=True)
     t0 = time.time()
