@@ -182,7 +182,7 @@ class RewardReplica:
         n = len(items)
         self.stats["batches"] += 1
         self.stats["batch_sizes"][n] = self.stats["batch_sizes"].get(n, 0) + 1
-        return RewardModel.score(torch.nn.functional.normalize(t, dim=-1), im).float().cpu().tolist()
+        return RewardModel.score(t, im).float().cpu().tolist()  # both already normalised by the model
 
     def decode(self, refs: list[str]) -> list:
         out = []
@@ -287,9 +287,11 @@ def start(cfg: ServeConfig, blocking: bool = True) -> str:
 
     if not cfg.checkpoint:
         raise ConfigError("checkpoint is required: sr-ray serve checkpoint=<run, checkpoint or exported folder>")
-    from sr_ray.reward.score import load_model
+    from sr_ray.reward.score import exported_folder, read_checkpoint, run_checkpoint
 
-    load_model(cfg.checkpoint)  # a bad checkpoint is named here, not in a replica that restarts for ever
+    ckpt = run_checkpoint(cfg.checkpoint)  # a bad checkpoint is named here, not in a replica that restarts for
+    if exported_folder(ckpt) is None:      # ever; read memory-mapped: the weights load in the replicas only
+        read_checkpoint(ckpt, mmap=True)
     init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="sr-reward", route_prefix=cfg.route_prefix, blocking=blocking)

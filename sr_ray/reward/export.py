@@ -31,7 +31,7 @@ import yaml
 from sr_ray.core import special_token, storage
 from sr_ray.core.errors import ConfigError
 from sr_ray.reward.model import ModelConfig, preprocess_cfg
-from sr_ray.reward.score import EXPORT_CONFIG, EXPORT_WEIGHTS, MODEL_FILE, load_model
+from sr_ray.reward.score import EXPORT_CONFIG, EXPORT_WEIGHTS, MODEL_FILE, load_model, run_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,17 @@ class ExportConfig:
 
 def resolve_checkpoint(uri: str) -> tuple[str, str | None]:
     """(checkpoint folder, its run folder or None) for a checkpoint folder or a run folder."""
-    if storage.exists(storage.join(uri, MODEL_FILE)):
-        parent = uri.rstrip("/").rsplit("/", 1)[0]
-        return uri, parent if storage.exists(storage.join(parent, "summary.json")) else None
-    summary = storage.join(uri, "summary.json")
-    if storage.exists(summary):
-        best = json.loads(storage.read_bytes(summary)).get("checkpoint")
-        if best and storage.exists(storage.join(best, MODEL_FILE)):
+    best = run_checkpoint(uri)
+    if best != uri:  # a run: its summary's best checkpoint
+        if storage.exists(storage.join(best, MODEL_FILE)):
             return best, uri
         raise ConfigError(f"checkpoint={storage.redact(uri)}: its summary.json names no checkpoint that exists "
                           f"({best!r})")
+    if storage.exists(storage.join(uri, MODEL_FILE)):
+        parent = uri.rstrip("/").rsplit("/", 1)[0]
+        return uri, parent if storage.exists(storage.join(parent, "summary.json")) else None
     raise ConfigError(f"checkpoint={storage.redact(uri)}: neither a reward checkpoint ({MODEL_FILE}) nor a "
-                      f"training run (summary.json)")
+                      f"training run (summary.json naming its checkpoint)")
 
 
 def open_clip_config(cfg: ModelConfig) -> dict[str, Any]:

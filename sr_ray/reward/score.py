@@ -168,6 +168,17 @@ def preprocess_pixels(x: torch.Tensor, pcfg: dict) -> torch.Tensor:
     return (x - mean) / std
 
 
+def to_pil(x):
+    """A PIL image, encoded bytes or a path (local or s3://) -> an RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if isinstance(x, (bytes, bytearray)):
+        return images.decode(bytes(x))
+    return images.decode(storage.read_bytes(str(x)))
+
+
 def inference_autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 (no autocast) elsewhere."""
     if device.type == "cuda":
@@ -257,15 +268,6 @@ class RewardScorer:
         self.tokenizer = tokenizer(cfg)
         self.batch_size = batch_size
 
-    def _image(self, x):
-        from PIL import Image
-
-        if isinstance(x, Image.Image):
-            return x.convert("RGB")
-        if isinstance(x, (bytes, bytearray)):
-            return images.decode(bytes(x))
-        return images.decode(storage.read_bytes(str(x)))
-
     def score_pixels(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
         """Differentiable scores of (B, 3, H, W) pixels in [0, 1]: the model's preprocessing done in torch (resize,
         centre crop, normalize), so gradients reach the pixels (ReFL / DRaFT-style direct reward fine-tuning).
@@ -297,7 +299,7 @@ class RewardScorer:
             uniq = sorted(set(ps))  # each distinct prompt is encoded once
             with inference_autocast(self.device):
                 t = self.model.encode_text(self.tokenizer(uniq).to(self.device))
-                pix = torch.stack([self.transform(self._image(x)) for x in xs]).to(self.device)
+                pix = torch.stack([self.transform(to_pil(x)) for x in xs]).to(self.device)
                 im = self.model.encode_image(pix)
             idx = torch.tensor([uniq.index(p) for p in ps], device=self.device)
             out.append(RewardModel.score(t[idx], im).float().cpu())
@@ -337,16 +339,14 @@ def reward_fn(checkpoint: str, device: str | None = None, batch_size: int = 64):
     return fn
 
 
-def _as_pil_list(images) -> list:
+def _as_pil_list(imgs) -> list:
     from PIL import Image
 
-    if torch.is_tensor(images):
-        images = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    if isinstance(images, np.ndarray):
-        return [Image.fromarray(a) for a in images]
-    return [x if isinstance(x, Image.Image) else
-            images.decode(bytes(x) if isinstance(x, (bytes, bytearray)) else storage.read_bytes(str(x)))
-            for x in images]
+    if torch.is_tensor(imgs):
+        imgs = (imgs.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if isinstance(imgs, np.ndarray):
+        return [Image.fromarray(a) for a in imgs]
+    return [to_pil(x) for x in imgs]
 
 
 def _served_reward(url: str, batch_size: int):
