@@ -72,7 +72,7 @@ def test_aws_cluster_yaml_is_valid_ray_config():
         assert nc["ImageId"].startswith("ami-"), name
 
     # The project is copied and installed on every node (setup_commands run on head and workers).
-    assert raw["file_mounts"] == {"~/sr-ray": "."}
+    assert raw["file_mounts"] == {"~/sr-ray": ".", "/home/ubuntu/.ray/auth_token": "~/.ray/auth_token"}
     setup = raw["setup_commands"]
     assert "pip install -U pip" in setup
     assert "pip install -e ~/sr-ray" in setup
@@ -82,6 +82,15 @@ def test_aws_cluster_yaml_is_valid_ray_config():
     assert any("ray start --head" in c and "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
                for c in raw["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in raw["worker_start_ray_commands"])
+
+    # token auth on every `ray start` (head and workers), the token copied the way Ray documents for `ray up`,
+    # the dashboard / job API on the head's loopback only (reached through `ray dashboard`'s SSH tunnel)
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in raw[key]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert "--dashboard-host=127.0.0.1" in starts[0]
+    assert any("export RAY_AUTH_MODE=token" in c for c in raw["initialization_commands"])
+    assert "chmod 600 ~/.ray/auth_token" in setup
 
 
 def test_raw_yaml_matches_ray_schema():
