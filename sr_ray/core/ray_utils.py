@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from sr_ray.core import storage
 from sr_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,33 @@ def check_resources(bundles: list[dict[str, float]], what: str, fixed: bool, wai
     finally:
         request_resources(bundles=[])
     raise ConfigError(f"{msg}, and no node that could hold it joined within {wait_s:.0f} s")
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are alive now."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def require_shared_storage(uri: str, key: str, who: str) -> None:
+    """On a cluster of several nodes, ``uri`` (which ``who`` read or write, e.g. "Ray Train's workers write
+    checkpoints") must be one every node sees; ConfigError naming ``key`` otherwise.
+
+    Ray Train's workers upload checkpoints from their own nodes and Ray Data's tasks write from theirs; a local
+    folder exists on one node only, so the files would scatter over the nodes' disks and a restore would find
+    none. Object storage passes, and so does a local path on a network filesystem mounted on every node (NFS,
+    EFS, Lustre, a FUSE bucket mount); ``SR_RAY_SHARED_STORAGE=1`` vouches for any other shared mount.
+    """
+    nodes = alive_nodes()
+    if nodes < 2 or storage.is_shared(uri) or os.environ.get("SR_RAY_SHARED_STORAGE") == "1":
+        return
+    raise ConfigError(
+        f"{key}={storage.redact(uri)} is a local path, but this Ray cluster has {nodes} nodes and {who} on "
+        f"whichever node they are placed: a local folder exists on one node only, so files would scatter over "
+        f"the nodes' disks (or not be found) and a run restored on another node would find no checkpoint. Use "
+        f"shared storage: s3://bucket/prefix, or a path on a network filesystem mounted on every node (set "
+        f"SR_RAY_SHARED_STORAGE=1 when it is one this check cannot recognise)")
 
 
 def in_ray_worker() -> bool:

@@ -72,6 +72,37 @@ def check_output_dir(uri: str, key: str, endpoint: str | None = None) -> None:
             raise ConfigError(f"{key}={redact(uri)}: {parent} is not writable")
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "efs",
+                       "fuse.s3fs", "fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.juicefs", "fuse.glusterfs")
+
+
+def mount_type(path: str, mounts: str = "/proc/mounts") -> str | None:
+    """The filesystem type of the mount holding local ``path`` (the longest mount point above it), or None when
+    ``mounts`` cannot be read."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = os.path.realpath(path), "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def is_shared(uri: str) -> bool:
+    """Whether every node of a cluster sees ``uri``: object storage, a Hugging Face hub id, or a local path on a
+    network filesystem (NFS, EFS, Lustre, a FUSE bucket mount...)."""
+    if "://" in str(uri) or str(uri).startswith("hf-hub:"):
+        return True
+    kind = mount_type(uri)
+    return kind is not None and (kind in NETWORK_FILESYSTEMS or kind.startswith("nfs"))
+
+
 def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem; endpoint from the argument or ``AWS_ENDPOINT_URL``."""
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")

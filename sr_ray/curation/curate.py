@@ -54,7 +54,7 @@ from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import to_dict
 from sr_ray.core.errors import ConfigError, DataError
 from sr_ray.core.limits import InputLimits
-from sr_ray.core.ray_utils import init_ray
+from sr_ray.core.ray_utils import init_ray, require_shared_storage
 from sr_ray.curation.datacard import table1_ratios, write_datacard
 from sr_ray.curation.nsfw import NSFWScorer
 from sr_ray.demo.community import CommunityConfig
@@ -640,6 +640,8 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
     wall0 = time.perf_counter()
     log_uri, out, files, has_nsfw = _inputs(cfg)
     init_ray(cfg.ray_address)
+    require_shared_storage(log_uri, "log", "Ray Data's tasks read it")
+    require_shared_storage(out, "out", "Ray Data's tasks write the shards")
     identity.claim(out, IDENTITY_FILE, curation_identity(cfg, files), f"out={storage.redact(out)}",
                    "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
     if cfg.nsfw_classifier:

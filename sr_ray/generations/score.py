@@ -41,7 +41,14 @@ from sr_ray.core import identity, images, parquet, storage
 from sr_ray.core.config import ConfigError, from_dict, to_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.limits import InputLimits, clean_prompt, prompt_problem
-from sr_ray.core.ray_utils import DecodedPoolConfig, check_resources, in_ray_worker, init_ray, worker_prints_to_stderr
+from sr_ray.core.ray_utils import (
+    DecodedPoolConfig,
+    check_resources,
+    in_ray_worker,
+    init_ray,
+    require_shared_storage,
+    worker_prints_to_stderr,
+)
 from sr_ray.core.shards import ShardCollector
 from sr_ray.eval.scorers import ScorerSettings, check_names, make_scorer, weights_fingerprint
 from sr_ray.reward.data import preprocessing, read_image_bytes
@@ -485,6 +492,9 @@ def _run(cfg: ScoreConfig, todo: list[InputFile], model_cfg: dict | None, checkp
     check_resources(replace(cfg.compute, num_actors=1).bundles(), "one scorer actor (compute.cpus_per_actor, "
                     "compute.gpus_per_actor) and a decode task (compute.decode_num_cpus)", fixed=started,
                     wait_s=cfg.compute.resource_wait_s)
+    require_shared_storage(cfg.generations or todo[0].file.uri, "generations", "Ray Data's tasks read them")
+    if checkpoint:
+        require_shared_storage(checkpoint, "checkpoint", "the scorer actors load it")
     ds = build_pipeline(cfg, todo, model_cfg, checkpoint)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

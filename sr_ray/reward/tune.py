@@ -23,7 +23,7 @@ from typing import Any
 from sr_ray.core import images, storage
 from sr_ray.core.config import ConfigError, from_dict, set_dotted, to_dict
 from sr_ray.core.logs import setup_logging
-from sr_ray.core.ray_utils import init_ray
+from sr_ray.core.ray_utils import init_ray, require_shared_storage
 from sr_ray.core.raytrain import absolute_storage
 from sr_ray.reward.data import preflight
 from sr_ray.reward.train import TrainRewardConfig, check_config, require_train_split, steps_per_epoch, train_reward
@@ -263,6 +263,7 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     if "val" not in infos:
         raise ConfigError("a sweep needs data.val: trials are ranked and stopped on validation accuracy")
     init_ray(cfg.train.run.ray_address)
+    require_shared_storage(sdir, "storage_path", "Tune's trials write checkpoints and results")
     at_once = concurrency(cfg, ray.cluster_resources())
     log.info("[tune] %s: %d trial(s) at a time, each %.2f CPU (+%.2f per Train worker x %d)", sdir, at_once,
              cfg.trial_cpus, cfg.train.scaling.cpus_per_worker, cfg.train.scaling.num_workers)
