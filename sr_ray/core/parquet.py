@@ -256,13 +256,20 @@ def _datasource_class():
 
 def read(files: Sequence[ParquetFile], columns: Sequence[str], what: str, endpoint: str | None = None,
          key_columns: Sequence[str] = (), max_rows_per_block: int = 0, on_error: str = "rows", row_index: bool = False,
-         **read_args):
+         ordered: bool = False, **read_args):
     """A lazy Ray Dataset of ``columns`` (+ ``__file``, ``__error``, and with ``row_index`` ``__row``: the row's
-    number counted over ``files`` in order) over ``files``' row groups."""
+    number counted over ``files`` in order) over ``files``' row groups.
+
+    ``ordered``: one read task per row group, so that (with Ray Data's ``preserve_order``) rows and block boundaries
+    come the same on any cluster. Otherwise Ray sizes the read from the cluster's CPUs and deals row groups to the
+    tasks in turn, so the order depends on how many CPUs the cluster has at that moment (seen: a run restored on
+    the two nodes left after losing one was fed another order than on three)."""
     import ray.data
 
     source = _datasource_class()(files, columns, what, endpoint, key_columns, max_rows_per_block, on_error,
                                  row_index)
+    if ordered:
+        read_args["override_num_blocks"] = max(1, len(source.units()))
     return ray.data.read_datasource(source, **read_args)
 
 

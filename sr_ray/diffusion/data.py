@@ -159,12 +159,16 @@ class LatentEncoder:
         return out
 
 
-def finetune_dataset(info: SetInfo, model_cfg: dict, cfg: FinetuneDataConfig, seed: int):
-    """Ray Data: read -> decode/resize/crop/tokenize (CPU tasks) [-> VAE latents, materialized once]."""
+def finetune_dataset(info: SetInfo, model_cfg: dict, cfg: FinetuneDataConfig, seed: int, ordered: bool = False):
+    """Ray Data: read -> decode/resize/crop/tokenize (CPU tasks) [-> VAE latents, materialized once].
+
+    ``ordered``: one read task per file, so the rows come in the same order and blocks on any cluster (a run that
+    must resume exactly; see :func:`sr_ray.core.parquet.read`)."""
     import ray.data
 
     fs, _ = storage.resolve(info.uri, cfg.s3_endpoint)
-    ds = ray.data.read_parquet(info.files, filesystem=fs, columns=["prompt", "image", "generation_id"])
+    ds = ray.data.read_parquet(info.files, filesystem=fs, columns=["prompt", "image", "generation_id"],
+                               override_num_blocks=len(info.files) if ordered else None)
     ds = ds.map_batches(FinetunePreprocessor(model_cfg, cfg.resolution, cfg.center_crop, cfg.random_flip, seed),
                         batch_format="numpy", batch_size=cfg.map_batch_size, num_cpus=cfg.map_num_cpus)
     if cfg.cache_latents:

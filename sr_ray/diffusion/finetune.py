@@ -30,7 +30,7 @@ import torch
 from sr_ray.core import identity, raytrain, special_token, storage
 from sr_ray.core.config import ConfigError, dump_yaml, to_dict
 from sr_ray.core.errors import DataError
-from sr_ray.core.ray_utils import check_resources, init_ray
+from sr_ray.core.ray_utils import check_resources, init_ray, require_shared_storage
 from sr_ray.core.raytrain import IDENTITY_FILE, STATE_FILE, absolute_storage, run_dir, worker_bundle
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
 from sr_ray.diffusion.data import FinetuneDataConfig, finetune_dataset, preflight
@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 
 DS_TAG = "ds"
 # keys a resumed run may change: where and how fast it runs, how it reports; not what it learns
-OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.overwrite",
-               "run.checkpoints_to_keep", "run.sample_every_steps", "run.sample_prompts", "run.sample_steps",
-               "run.save_pipeline", "scaling.max_failures", "data.s3_endpoint", "data.demo.cache_dir")
+OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.trace_batches", "run.exact_resume",
+               "run.overwrite", "run.checkpoints_to_keep", "run.sample_every_steps", "run.sample_prompts",
+               "run.sample_steps", "run.save_pipeline", "scaling.max_failures", "scaling.placement_strategy",
+               "data.s3_endpoint", "data.demo.cache_dir")
 
 
 def weights_only_checkpoint_engine(engine):
@@ -471,7 +472,9 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers,
                     "the fine-tuning workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker)",
                     fixed=fixed)
-    dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed)
+    require_shared_storage(cfg.run.storage_path, "run.storage_path", "Ray Train's workers write checkpoints")
+    require_shared_storage(cfg.data.train, "data.train", "Ray Data's tasks read it")
+    dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed, ordered=cfg.run.exact_resume)
     result, fs, wall = raytrain.fit(train_func, {"cfg": to_dict(cfg), "steps_per_epoch": spe,
                                                  "run_dir": run_dir(cfg)}, cfg, {"train": dataset}, cfg.data.s3_endpoint)
     summary = summarize(cfg, info, result, fs, wall)

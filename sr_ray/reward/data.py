@@ -299,15 +299,16 @@ class TripletPreprocessor:
         }
 
 
-def triplet_dataset(info: SplitInfo, model_cfg: dict, data_cfg: DataConfig):
+def triplet_dataset(info: SplitInfo, model_cfg: dict, data_cfg: DataConfig, ordered: bool = False):
     """Lazy streaming Ray Dataset of preprocessed triplets for one split (nothing is read yet).
 
     Read by row group (:mod:`sr_ray.core.parquet`): a row group that cannot be read (a corrupt data page)
-    becomes bad rows named in the log, counted like undecodable images.
+    becomes bad rows named in the log, counted like undecodable images. ``ordered``: the same rows in the same
+    blocks on any cluster (:func:`sr_ray.core.parquet.read`), for a training run that must resume exactly.
     """
     cols = ["prompt", *(PACKED if info.form == "packed" else PATHS)]
     ds = parquet.read(info.parquet, cols, f"data split {storage.redact(info.uri)}", data_cfg.s3_endpoint,
-                      num_cpus=data_cfg.map_num_cpus)
+                      ordered=ordered, num_cpus=data_cfg.map_num_cpus)
     return ds.map_batches(
         TripletPreprocessor(model_cfg, to_dict(data_cfg)),
         batch_format="numpy",

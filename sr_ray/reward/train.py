@@ -24,7 +24,7 @@ import torch
 
 from sr_ray.core import identity, raytrain, storage
 from sr_ray.core.config import ConfigError, dump_yaml, to_dict
-from sr_ray.core.ray_utils import check_resources, init_ray
+from sr_ray.core.ray_utils import check_resources, init_ray, require_shared_storage
 from sr_ray.core.raytrain import (
     IDENTITY_FILE,
     STATE_FILE,
@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 # keys a resumed run may change: they decide where and how fast it runs, or how it reports, not what it learns
-OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.overwrite",
-               "run.checkpoints_to_keep", "scaling.max_failures", "scaling.resource_wait_s", "data.s3_endpoint",
-               "data.preflight_rows", "data.map_num_cpus", "data.map_batch_size", "data.prefetch_batches",
-               "data.min_rows_for_bad_rate", "data.max_bad_row_rate", "data.demo.cache_dir")
+OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "run.trace_batches", "run.exact_resume",
+               "run.overwrite", "run.checkpoints_to_keep", "scaling.max_failures", "scaling.placement_strategy",
+               "scaling.resource_wait_s", "data.s3_endpoint", "data.preflight_rows", "data.map_num_cpus",
+               "data.map_batch_size", "data.prefetch_batches", "data.min_rows_for_bad_rate", "data.max_bad_row_rate",
+               "data.demo.cache_dir")
 
 
 @dataclass
@@ -383,10 +384,19 @@ def prepare(cfg: TrainRewardConfig) -> tuple[TrainRewardConfig, dict, int]:
     return cfg, infos, steps
 
 
+def check_shared(cfg: TrainRewardConfig) -> None:
+    """On several nodes: the run's storage and the splits must be shared (object storage or a network mount)."""
+    require_shared_storage(cfg.run.storage_path, "run.storage_path", "Ray Train's workers write checkpoints")
+    for split in ("train", "val", "test"):
+        if getattr(cfg.data, split):
+            require_shared_storage(getattr(cfg.data, split), f"data.{split}", "Ray Data's tasks read it")
+
+
 def fit(cfg: TrainRewardConfig, infos: dict, steps: int, callbacks: list | None):
     """The Ray Train run of :func:`train_func`; returns (Result, storage filesystem or None, wall seconds)."""
     model_cfg = to_dict(cfg.model)
-    datasets = {k: triplet_dataset(infos[k], model_cfg, cfg.data) for k in ("train", "val") if k in infos}
+    datasets = {k: triplet_dataset(infos[k], model_cfg, cfg.data, ordered=k == "train" and cfg.run.exact_resume)
+                for k in ("train", "val") if k in infos}
     return raytrain.fit(train_func, {"cfg": to_dict(cfg), "steps_per_epoch": steps, "run_dir": run_dir(cfg),
                                      "splits": list(datasets)}, cfg, datasets, cfg.data.s3_endpoint,
                         score_metric="val_pairwise_accuracy" if "val" in datasets else None, callbacks=callbacks)
@@ -443,6 +453,7 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
     check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers + [{"CPU": cfg.data.map_num_cpus}],
                     "the training workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker) and "
                     "a Ray Data task (data.map_num_cpus)", fixed=fixed, wait_s=cfg.scaling.resource_wait_s)
+    check_shared(cfg)
     result, fs, wall = fit(cfg, infos, steps, callbacks)
     summary = summarize(cfg, infos, result, fs, wall, score_test)
     storage.write_text(storage.join(run_dir(cfg), "summary.json"), json.dumps(summary, indent=1))
