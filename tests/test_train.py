@@ -117,6 +117,7 @@ def _paths_form(root: Path, n: int, bad_rows) -> str:
     return str(root / "train")
 
 
+@pytest.mark.extended  # ~45 s: keeps the default suite under 12 min with the cluster tests; .ci/run runs it
 def test_authors_path_form_counts_corrupt_rows_and_unreadable_row_groups(ray_cluster, tmp_path, demo_cache):
     """Corrupt images are counted; so are the rows of a row group behind a corrupt data page (defect 9: the
     footer is intact, so it passed the preflight, and training crashed three times into a 790-line traceback)."""
