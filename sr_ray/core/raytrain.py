@@ -32,7 +32,7 @@ from sr_ray.core import storage
 from sr_ray.core.config import from_dict
 from sr_ray.core.errors import DataError
 from sr_ray.core.logs import setup_logging
-from sr_ray.core.ray_utils import worker_prints_to_stderr
+from sr_ray.core.ray_utils import require_shared_storage, worker_prints_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def fit(train_func: Callable[[dict], None], loop_config: dict[str, Any], cfg, da
     storage filesystem or None, wall seconds). ``cfg``: a job config with ``scaling`` and ``run`` sections.
     ``score_metric``: keep the best checkpoints by this reported metric (max), else the latest. A worker's
     bad-data stop (:class:`StopForData`) is raised here as a :class:`DataError`."""
+    require_shared_storage(cfg.run.storage_path, "run.storage_path", "Ray Train's workers write checkpoints")
     import ray.train
     from ray.train.torch import TorchTrainer
 

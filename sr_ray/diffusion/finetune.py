@@ -472,7 +472,6 @@ def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     check_resources([worker_bundle(cfg.scaling)] * cfg.scaling.num_workers,
                     "the fine-tuning workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker)",
                     fixed=fixed)
-    require_shared_storage(cfg.run.storage_path, "run.storage_path", "Ray Train's workers write checkpoints")
     require_shared_storage(cfg.data.train, "data.train", "Ray Data's tasks read it")
     dataset = finetune_dataset(info, to_dict(cfg.model), cfg.data, cfg.optim.seed, ordered=cfg.run.exact_resume)
     result, fs, wall = raytrain.fit(train_func, {"cfg": to_dict(cfg), "steps_per_epoch": spe,

@@ -385,8 +385,8 @@ def prepare(cfg: TrainRewardConfig) -> tuple[TrainRewardConfig, dict, int]:
 
 
 def check_shared(cfg: TrainRewardConfig) -> None:
-    """On several nodes: the run's storage and the splits must be shared (object storage or a network mount)."""
-    require_shared_storage(cfg.run.storage_path, "run.storage_path", "Ray Train's workers write checkpoints")
+    """On several nodes: the splits must be shared (object storage or a network mount); the run's storage is
+    checked by :func:`sr_ray.core.raytrain.fit`."""
     for split in ("train", "val", "test"):
         if getattr(cfg.data, split):
             require_shared_storage(getattr(cfg.data, split), f"data.{split}", "Ray Data's tasks read it")
