@@ -61,6 +61,26 @@ def test_stages_score_like_the_python_api_and_encode_each_prompt_once(checkpoint
     assert "image" not in out and "pixels" not in out and "user_id" not in out
 
 
+def test_uint8_pixels_cross_the_object_store_and_normalize_exactly_on_the_scorer(checkpoint):
+    """The decode stage sends (H, W, 3) uint8 (a quarter of float32's bytes); the device half of the
+    transform gives the model exactly the tensor the full open_clip transform gives."""
+    import torch
+
+    from sr_ray.core import images
+    from sr_ray.generations.score import checkpoint_model_config
+    from sr_ray.reward.model import ModelConfig, image_transform, normalize_pixels, preprocess_cfg
+
+    mcfg = checkpoint_model_config(checkpoint)
+    cols = make_generations(3, 2, 48, 2, 0)
+    b = {k: np.array(v, dtype=object) for k, v in cols.items()}
+    px = GenerationPreprocessor(mcfg, None, None)(b)["pixels"]
+    pcfg = preprocess_cfg(ModelConfig(**mcfg))
+    h = w = pcfg["size"] if isinstance(pcfg["size"], int) else pcfg["size"][0]
+    assert px.dtype == np.uint8 and px.shape == (6, h, w, 3) and px.nbytes == 6 * 3 * h * w
+    full = torch.stack([image_transform(pcfg)(images.decode(x)) for x in cols["image"]])
+    assert torch.equal(normalize_pixels(torch.as_tensor(px), pcfg["mean"], pcfg["std"]), full)
+
+
 def test_deepspeed_backend_runs_on_cpu_and_matches_torch(checkpoint):
     import deepspeed
 

@@ -27,6 +27,10 @@ def test_scoring_benchmark_times_both_sides_on_the_same_images(ray_cluster, tmp_
     assert run["max_abs_score_diff"] < 1e-5  # the same scores
     assert abs(run["ratio_vs_authors"] - run["images_per_s"] / r["authors"]["images_per_s"]) < 0.01
     assert (tmp_path / "out" / "results.md").exists() and "sr-ray torch, 1 actor(s)" in capsys.readouterr().out
+    # the ceiling is the model alone; the bytes are the decode stage's real output (sr-tiny: 3 x 32 x 32 pixels)
+    assert r["ceiling"]["steady_images_per_s"] > 0
+    assert abs(run["share_of_ceiling"] - run["steady_images_per_s"] / r["ceiling"]["steady_images_per_s"]) < 0.01
+    assert r["object_store_bytes_per_image"] == {"float32": 4 * 3 * 32 * 32, "uint8": 3 * 32 * 32, "ratio": 4.0}
 
 
 def test_finetune_variants_are_known():

@@ -9,6 +9,10 @@ actors, each distinct prompt encoded once per actor), once per actor count and
 backend asked for. Both include their model load; ours excludes the Ray start
 (one local cluster for the whole run), which the summary reports apart.
 
+The ceiling: the same model's forward alone on pre-made tensors in one process
+(no decode, no Ray, the same threads); each of our steady rates is reported as a
+share of it, with the object-store bytes per image of float32 and uint8 pixels.
+
 Two rates per side: end to end (start-up included: for ours the actors' process
 start, imports and model load, about 10 s here, which dominates a run of a few
 hundred images) and steady (from the moment the first model is loaded), which
@@ -51,6 +55,7 @@ class BenchScoreConfig:
     actors: list[int] = field(default_factory=lambda: [1, 2])
     """Scorer-pool sizes to time (min = max), the throughput-vs-actors curve."""
     backends: list[str] = field(default_factory=lambda: ["torch"])
+    """torch (bf16 autocast + SDPA on GPU), torch+compile (the same under torch.compile), deepspeed."""
     cpus_per_actor: float = 0.5
     threads: int = 0
     """CPU threads for the model on each side: the reference's torch threads, and split over our scorer
@@ -65,9 +70,9 @@ class BenchScoreConfig:
     def __post_init__(self) -> None:
         if not self.actors or min(self.actors) < 1:
             raise ValueError("actors: a list of pool sizes >= 1")
-        bad = [b for b in self.backends if b not in ("torch", "deepspeed")]
+        bad = [b for b in self.backends if b not in ("torch", "torch+compile", "deepspeed")]
         if bad or not self.backends:
-            raise ValueError(f"backends: torch and/or deepspeed, not {bad}")
+            raise ValueError(f"backends: some of torch, torch+compile, deepspeed; not {bad}")
 
 
 def _checkpoint(cfg: BenchScoreConfig) -> str:
@@ -132,6 +137,48 @@ def authors_loop(checkpoint: str, files: list[str], cfg: BenchScoreConfig, devic
             "threads": torch.get_num_threads()}
 
 
+def model_alone(checkpoint: str, prompts: list[str], cfg: BenchScoreConfig, device: torch.device) -> dict:
+    """The ceiling: the same model's forward on pre-made pixel tensors in one process (no decode, no Ray);
+    each distinct prompt's text encoded once, as the job does. Returns steady images/s (after the load)."""
+    from sr_ray.reward.model import RewardModel, preprocess_cfg, tokenizer
+    from sr_ray.reward.score import inference_autocast, load_model
+
+    model, mcfg = load_model(checkpoint, device)
+    s = preprocess_cfg(mcfg)["size"]
+    h, w = (s, s) if isinstance(s, int) else s
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(cfg.batch_size, 3, h, w, generator=g).to(device)
+    tok = tokenizer(mcfg)
+    t0 = time.perf_counter()
+    with torch.no_grad(), inference_autocast(device):
+        text = dict(zip(dict.fromkeys(prompts), model.encode_text(tok(list(dict.fromkeys(prompts))).to(device))))
+        for i in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[i:i + cfg.batch_size]
+            im = model.encode_image(pixels[:len(batch)]).float()
+            RewardModel.score(torch.stack([text[p] for p in batch]).float(), im).cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"steady_images_per_s": len(prompts) / (time.perf_counter() - t0), "threads": torch.get_num_threads()}
+
+
+def transport_bytes(checkpoint: str, files: list[str], rows: int = 16) -> dict:
+    """Bytes per image the decode stage puts in the object store: the pixels as float32 (3, H, W), as main
+    sent them, and as the uint8 (H, W, 3) the job sends now; measured on the first ``rows`` generations."""
+    import numpy as np
+
+    from sr_ray.generations.score import GenerationPreprocessor
+    from sr_ray.reward.data import preprocessing
+
+    t = pq.read_table(files[0], columns=["generation_id", "prompt", "image"]).slice(0, rows)
+    batch = {k: np.array(t.column(k).to_pylist(), dtype=object) for k in t.column_names}
+    mcfg = checkpoint_model_config(checkpoint)
+    px = GenerationPreprocessor(mcfg, None, None)(batch)["pixels"]
+    transform = preprocessing(mcfg)[0]
+    f32 = np.stack([np.asarray(transform(images.decode(b))) for b in batch["image"]]).astype(np.float32)
+    return {"float32": int(f32.nbytes // len(f32)), "uint8": int(px.nbytes // len(px)),
+            "ratio": round(f32.nbytes / px.nbytes, 2)}
+
+
 def bench_score(cfg: BenchScoreConfig) -> dict:
     import ray
 
@@ -146,6 +193,8 @@ def bench_score(cfg: BenchScoreConfig) -> dict:
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     ref = authors_loop(checkpoint, files, cfg, device)
+    ceiling = model_alone(checkpoint, pq.read_table(files, columns=["prompt"]).column("prompt").to_pylist(), cfg,
+                          device)
     t = time.perf_counter()
     init_ray(None, num_cpus=cfg.num_cpus)
     ray_start_s = time.perf_counter() - t
@@ -155,7 +204,8 @@ def bench_score(cfg: BenchScoreConfig) -> dict:
             for a in cfg.actors:
                 out = os.path.join(tmp, f"{backend}-{a}")
                 s = score_generations(ScoreConfig(
-                    checkpoint=checkpoint, generations=gen, out=out, backend=backend,
+                    checkpoint=checkpoint, generations=gen, out=out, backend=backend.split("+")[0],
+                    compile=backend == "torch+compile",
                     compute=ScoringPoolConfig(num_actors=a, max_actors=a, cpus_per_actor=cfg.cpus_per_actor,
                                               use_gpu=cfg.use_gpu, gpus_per_actor=cfg.gpus_per_actor,
                                               batch_size=cfg.batch_size),
@@ -167,6 +217,7 @@ def bench_score(cfg: BenchScoreConfig) -> dict:
                              "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                              "startup_s": s["startup_s"],
                              "steady_ratio_vs_authors": round(s["steady_images_per_s"] / ref["steady_images_per_s"], 3),
+                             "share_of_ceiling": round(s["steady_images_per_s"] / ceiling["steady_images_per_s"], 3),
                              "wall_s": s["wall_s"], "texts_encoded": s["prompts_encoded"],
                              "ratio_vs_authors": round(s["images_per_s"] / ref["images_per_s"], 3),
                              "max_abs_score_diff": float(f"{diff:.2e}")})
@@ -181,7 +232,11 @@ def bench_score(cfg: BenchScoreConfig) -> dict:
                     "startup_s": round(ref["startup_s"], 1),
                     "texts_encoded": ref["texts_encoded"], "torch_threads": ref["threads"],
                     "loader_workers": cfg.loader_workers},
+        "ceiling": {"steady_images_per_s": round(ceiling["steady_images_per_s"], 2),
+                    "torch_threads": ceiling["threads"]},
+        "object_store_bytes_per_image": transport_bytes(checkpoint, files),
         "ours": runs,
+        "best_share_of_ceiling": best["share_of_ceiling"],
         "best_ratio_vs_authors": best["ratio_vs_authors"],
         "best_steady_ratio_vs_authors": best["steady_ratio_vs_authors"],
         # 1M images: start-up is paid once, so the steady rates decide
@@ -203,12 +258,20 @@ def format_table(r: dict) -> str:
              f"{'':44s} {'images/s':>9s} {'ratio':>6s} {'steady':>7s} {'ratio':>6s} {'start s':>7s} {'texts':>6s}"
              f" {'max|diff|':>9s}",
              f"{'authors (1 DataLoader, text per image)':44s} {a['images_per_s']:9.2f} {1:6.2f} "
-             f"{a['steady_images_per_s']:7.2f} {1:6.2f} {a['startup_s']:7.1f} {a['texts_encoded']:6d} {'':>9s}"]
+             f"{a['steady_images_per_s']:7.2f} {1:6.2f} {a['startup_s']:7.1f} {a['texts_encoded']:6d} {'':>9s}",
+             f"{'ceiling (model alone, pre-made tensors)':44s} {'':>9s} {'':>6s} "
+             f"{r['ceiling']['steady_images_per_s']:7.2f} "
+             f"{r['ceiling']['steady_images_per_s'] / a['steady_images_per_s']:6.2f}"]
     for run in r["ours"]:
         name = f"sr-ray {run['backend']}, {run['actors']} actor(s) x {run['threads_per_actor']} thread(s)"
         lines.append(f"{name:44s} {run['images_per_s']:9.2f} {run['ratio_vs_authors']:6.2f} "
                      f"{run['steady_images_per_s']:7.2f} {run['steady_ratio_vs_authors']:6.2f} "
                      f"{run['startup_s']:7.1f} {run['texts_encoded']:6d} {run['max_abs_score_diff']:9.1e}")
+    b = r["object_store_bytes_per_image"]
+    lines.append("steady rate as a share of the ceiling: "
+                 + ", ".join(f"{x['backend']} x{x['actors']}: {x['share_of_ceiling']:.2f}" for x in r["ours"])
+                 + f"; object store per image: {b['float32']:,} B as float32 (before), {b['uint8']:,} B as uint8 "
+                 f"(now), {b['ratio']}x fewer")
     p = r["projected_1m_images_h"]
     lines.append(f"1M images at these rates: authors {p['authors']} h, sr-ray {p['ours_best']} h (this machine)")
     if "images_per_s_per_gpu" in r:

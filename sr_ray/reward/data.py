@@ -224,6 +224,21 @@ def preprocessing(model_cfg: dict) -> tuple[Any, Any, tuple[int, int, int]]:
     return _prep_state(json.dumps(model_cfg, sort_keys=True))
 
 
+@functools.lru_cache(maxsize=4)
+def _uint8_state(model_json: str) -> tuple[Any, tuple[int, int, int], tuple, tuple]:
+    from sr_ray.reward import model as model_lib
+
+    pcfg = model_lib.preprocess_cfg(model_lib.ModelConfig(**json.loads(model_json)))
+    _, h, w = _prep_state(model_json)[2]
+    return model_lib.pixel_transform(pcfg), (h, w, 3), tuple(pcfg["mean"]), tuple(pcfg["std"])
+
+
+def uint8_preprocessing(model_cfg: dict) -> tuple[Any, tuple[int, int, int], tuple, tuple]:
+    """(PIL image -> (H, W, 3) uint8 transform, its shape, mean, std) of a model config, cached per process:
+    the CPU half of :func:`preprocessing`; :func:`sr_ray.reward.model.normalize_pixels` is the device half."""
+    return _uint8_state(json.dumps(model_cfg, sort_keys=True))
+
+
 class TripletPreprocessor:
     """Batch of triplet rows -> model inputs; the map_batches function of the pipeline.
 

@@ -219,6 +219,30 @@ def image_transform(pcfg: dict[str, Any]):
     return image_transform_v2(PreprocessCfg(**fields), is_train=False)
 
 
+def pixel_transform(pcfg: dict[str, Any]):
+    """The geometric part of :func:`image_transform` (resize, crop, RGB): PIL image -> (H, W, 3) uint8 array.
+
+    Scoring sends these bytes through the object store (4x fewer than float32) and finishes on the device
+    with :func:`normalize_pixels`; the two halves compute exactly what :func:`image_transform` does."""
+    import numpy as np
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = image_transform(pcfg).transforms
+    tail = [type(t) for t in steps[-2:]]
+    if len(steps) < 2 or not issubclass(tail[0], ToTensor) or not issubclass(tail[1], Normalize):
+        raise ConfigError(f"open_clip's eval transform no longer ends with ToTensor, Normalize: {steps}")
+    geometric = Compose(steps[:-2])
+    return lambda img: np.asarray(geometric(img), dtype=np.uint8)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, as ToTensor then Normalize compute it (on any device)."""
+    x = pixels.permute(0, 3, 1, 2).float().div(255)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub(m).div(s)
+
+
 def tokenizer(cfg: ModelConfig):
     """open_clip's tokenizer for the architecture: list[str] -> (B, context_length) int64."""
     return open_clip.get_tokenizer(cfg.name)
