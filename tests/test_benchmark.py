@@ -14,6 +14,10 @@ def test_benchmark_compares_no_op_freezing_with_explicit_freezing(tmp_path, caps
     assert r["authors_triplets_per_s"] > 0 and r["ours_triplets_per_s"] > 0
     assert abs(r["speedup"] - r["ours_triplets_per_s"] / r["authors_triplets_per_s"]) < 0.01
     assert "speedup sr-ray / authors" in capsys.readouterr().out
+    # the cached side trains the same head on the trunk's output: block 1 of sr-tiny's 2 (text: the whole trunk)
+    assert r["cache_image_depth"] == 1 and r["cache_text_depth"] == 2
+    assert r["cached_triplets_per_s"] > 0 and r["cache_build_triplets_per_s"] > 0
+    assert abs(r["cached_speedup"] - r["cached_triplets_per_s"] / r["ours_triplets_per_s"]) < 0.01
 
 
 def test_scoring_benchmark_times_both_sides_on_the_same_images(ray_cluster, tmp_path, capsys):

@@ -36,7 +36,14 @@ from sr_ray.core import images, storage
 from sr_ray.core.config import to_dict
 from sr_ray.core.ray_utils import init_ray
 from sr_ray.demo.data import ensure_demo_generations
-from sr_ray.generations.score import ScoreConfig, ScoringPoolConfig, checkpoint_model_config, score_generations
+from sr_ray.generations.score import (
+    GenerationPreprocessor,
+    ScoreConfig,
+    ScoringPoolConfig,
+    checkpoint_model_config,
+    score_generations,
+)
+from sr_ray.reward.data import preprocessing
 from sr_ray.reward.model import ModelConfig
 
 
@@ -165,9 +172,6 @@ def transport_bytes(checkpoint: str, files: list[str], rows: int = 16) -> dict:
     """Bytes per image the decode stage puts in the object store: the pixels as float32 (3, H, W), as main
     sent them, and as the uint8 (H, W, 3) the job sends now; measured on the first ``rows`` generations."""
     import numpy as np
-
-    from sr_ray.generations.score import GenerationPreprocessor
-    from sr_ray.reward.data import preprocessing
 
     t = pq.read_table(files[0], columns=["generation_id", "prompt", "image"]).slice(0, rows)
     batch = {k: np.array(t.column(k).to_pylist(), dtype=object) for k in t.column_names}

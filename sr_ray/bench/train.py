@@ -7,6 +7,9 @@ that decodes and preprocesses in its worker processes.
 Ours: :func:`sr_ray.reward.model.freeze` (no gradient for frozen parameters), fed by the
 Ray Data pipeline of the training job (``iter_torch_batches``), with the very
 ``train_step`` the Ray Train loop runs. Both on the same Parquet triplets.
+Ours + feature cache (``feature_cache=true``): the frozen trunk run once (its
+rate reported as the one-off cost), then the steps of the trainable blocks alone
+on the cached tokens (:mod:`sr_ray.reward.feature_cache`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 
 from sr_ray.core.config import to_dict
 from sr_ray.demo.data import DemoConfig, ensure_demo_data
+from sr_ray.reward import feature_cache, features
 from sr_ray.reward.data import DataConfig, TripletPreprocessor, split_info, triplet_dataset
+from sr_ray.reward.features import HeadRewardModel
 from sr_ray.reward.losses import LossConfig
 from sr_ray.reward.model import ModelConfig, RewardModel, build_clip, count_params
 from sr_ray.reward.train import train_step
@@ -46,6 +51,8 @@ class BenchTrainConfig:
     num_cpus: int | None = None
     """CPUs of the local Ray cluster (default: all)."""
     cache_dir: str = "~/.cache/sr-ray/bench"
+    feature_cache: bool = True
+    """Also time sr-ray on the frozen trunk's cached output (:mod:`sr_ray.reward.feature_cache`)."""
     data_source: str = "pipelines"
     """pipelines: authors' DataLoader vs our Ray Data; memory: both fed the same preprocessed
     batches from memory (isolates the model step, e.g. on a GPU machine; no Ray needed)."""
@@ -84,14 +91,61 @@ def _timed_steps(model, batches, cfg: BenchTrainConfig, params, device, autocast
             t0, wait = time.perf_counter(), 0.0
         w0 = time.perf_counter()
         b = next(it)
-        batch = tuple(b[k].to(device) for k in ("tokens", "pos", "neg", "prompt_id")) + (
-            b["valid"].to(device=device, dtype=torch.bool),)
+        tokens = b["tokens"].to(device)
+        batch = ((tokens, b["text"].to(device)) if "text" in b else tokens,) + tuple(
+            b[k].to(device) for k in ("pos", "neg", "prompt_id")) + (b["valid"].to(device=device, dtype=torch.bool),)
         wait += time.perf_counter() - w0
         train_step(model, batch, LossConfig(), optim, params, 1.0, autocast)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return cfg.steps * cfg.batch_size / dt, wait / dt
+
+
+def _trunk_batches(memory: list[dict], model: HeadRewardModel, device, autocast) -> tuple[list[dict], float]:
+    """The feature cache in memory: every batch's pixels (and tokens) through the frozen trunk once, kept as bf16
+    bits as the cache stores them. Returns (cached batches, seconds it took)."""
+    p = model.image_depth, model.text_depth
+    t0 = time.perf_counter()
+    out = []
+    with torch.no_grad(), autocast():
+        for b in memory:
+            c = {k: b[k] for k in ("tokens", "prompt_id", "valid")}
+            for col in ("pos", "neg"):
+                c[col] = features.image_trunk(model.clip, b[col].to(device), p[0]).to(torch.bfloat16).view(torch.int16)
+            if p[1] is not None:
+                c["text"] = features.text_trunk(model.clip, b["tokens"].to(device), p[1]).to(torch.bfloat16).view(
+                    torch.int16)
+            out.append(c)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def _cached_side(cfg: BenchTrainConfig, info, memory, device, autocast) -> dict:
+    """sr-ray + feature cache: the trunk once (timed: the one-off cost), then steps of the trainable head only.
+    Memory-fed: cached batches in memory; pipelines: the real cache (:mod:`sr_ray.reward.feature_cache`) streamed
+    by Ray Data from a fresh folder."""
+    import tempfile
+
+    cut = feature_cache.plan(cfg.model)
+    model = HeadRewardModel(feature_cache.build_model(cfg.model, 0), cut.image_depth, cut.text_depth).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = cfg.batch_size * (cfg.warmup_steps + cfg.steps)
+    if memory is not None:
+        batches, one_off = _trunk_batches(memory, model, device, autocast)
+        tps, wait = _timed_steps(model, batches, cfg, params, device, autocast)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = DataConfig(feature_cache=tmp)
+            m = feature_cache.ensure(tmp, {"train": info}, cfg.model, 0, data)
+            one_off, rows = m["built_s"], info.rows
+            batches = feature_cache.cached_dataset(tmp, "train", m, cfg.model, data).iter_torch_batches(
+                batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2)
+            tps, wait = _timed_steps(model, batches, cfg, params, device, autocast)
+    return {"cached_triplets_per_s": round(tps, 2), "cached_data_wait": round(wait, 3),
+            "cache_build_triplets_per_s": round(rows / one_off, 2), "cache_image_depth": cut.image_depth,
+            "cache_text_depth": cut.text_depth}
 
 
 def bench_train(cfg: BenchTrainConfig) -> dict:
@@ -152,6 +206,8 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
         batches = memory
     our_tps, our_wait = _timed_steps(ours, batches, cfg, params, device, autocast)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del ours
+    cached = _cached_side(cfg, info, memory, device, autocast) if cfg.feature_cache else {}
 
     ingest = cpus = None
     if memory is None:  # Ray Data ingest alone: decode + CLIP preprocessing
@@ -173,6 +229,9 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
         "data_source": cfg.data_source, "peak_gpu_mem_gb": peak_gb and round(peak_gb, 2),
         "ingest_images_per_s": ingest and round(ingest, 1), "ray_cpus": cpus,
         "ingest_images_per_s_per_cpu": ingest and round(ingest / cpus, 1),
+        **cached, **({"cached_speedup": round(cached["cached_triplets_per_s"] / our_tps, 3),
+                      "cached_speedup_vs_authors": round(cached["cached_triplets_per_s"] / ref_tps, 3)}
+                     if cached else {}),
     }
 
 
@@ -187,8 +246,14 @@ def format_table(r: dict) -> str:
              f"{r['timed_steps']} timed steps; params with grad: authors {r['authors_params_with_grad']:,}, "
              f"sr-ray {r['trainable_params']:,} of {r['total_params']:,}",
              f"{'':38s} {'triplets/s':>11s} {'data wait':>10s}"]
+    if "cached_triplets_per_s" in r:
+        rows.append((f"sr-ray + feature cache (from block {r['cache_image_depth']})", r["cached_triplets_per_s"],
+                     r["cached_data_wait"]))
     lines += [f"{name:38s} {tps:11.2f} {wait:10.1%}" for name, tps, wait in rows]
     lines.append(f"speedup sr-ray / authors: {r['speedup']:.2f}x")
+    if "cached_triplets_per_s" in r:
+        lines.append(f"feature cache: {r['cached_speedup']:.2f}x sr-ray's step, {r['cached_speedup_vs_authors']:.2f}x "
+                     f"the authors'; building it (the trunk once): {r['cache_build_triplets_per_s']:.2f} triplets/s")
     if r["ingest_images_per_s"]:
         lines.append(f"Ray Data ingest (decode + CLIP preprocessing): {r['ingest_images_per_s']:.0f} images/s on "
                      f"{r['ray_cpus']:.0f} CPUs = {r['ingest_images_per_s_per_cpu']:.0f} images/s per CPU")

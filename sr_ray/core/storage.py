@@ -153,6 +153,13 @@ def remove_file(uri: str, endpoint: str | None = None) -> None:
         pass
 
 
+def remove_tree(uri: str, endpoint: str | None = None) -> None:
+    """Delete a folder and everything under it (local or s3://); nothing when it is not there."""
+    fs, path = resolve(uri, endpoint)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "s3://" + posixpath.join(uri[len("s3://"):].rstrip("/"), *parts)

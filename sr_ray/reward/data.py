@@ -63,6 +63,11 @@ class DataConfig:
     """Rows in each train worker's local shuffle buffer (0: no shuffle)."""
     limits: InputLimits = field(default_factory=InputLimits)
     """Largest image (pixels, bytes, aspect ratio), smallest side, longest prompt: beyond them a row is bad."""
+    feature_cache: str | None = None
+    """Folder (local or s3://) of the frozen trunk's output (:mod:`sr_ray.reward.feature_cache`): built once, then
+    training reads it instead of pixels and runs only the trainable blocks. Null: no cache."""
+    feature_cache_actors: int = 1
+    """Actors (one GPU each when scaling.use_gpu) that run the trunk while the cache is built."""
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:

@@ -34,7 +34,9 @@ from sr_ray.core.raytrain import (
     run_dir,
     worker_bundle,
 )
+from sr_ray.reward import feature_cache
 from sr_ray.reward.data import DataConfig, DataError, preflight, triplet_dataset
+from sr_ray.reward.features import HeadRewardModel
 from sr_ray.reward.losses import LossConfig, compute_loss, global_batch_loss
 from sr_ray.reward.model import ModelConfig, RewardModel, activation_problem, build_clip, count_params
 from sr_ray.reward.score import MODEL_FILE, evaluate_split, pairwise_accuracy, save_model
@@ -47,7 +49,7 @@ OPERATIONAL = ("run.ray_address", "run.log_every_steps", "run.fail_at_step", "ru
                "run.overwrite", "run.checkpoints_to_keep", "scaling.max_failures", "scaling.placement_strategy",
                "scaling.resource_wait_s", "data.s3_endpoint", "data.preflight_rows", "data.map_num_cpus",
                "data.map_batch_size", "data.prefetch_batches", "data.min_rows_for_bad_rate", "data.max_bad_row_rate",
-               "data.demo.cache_dir")
+               "data.demo.cache_dir", "data.feature_cache_actors")
 
 
 @dataclass
@@ -146,9 +148,16 @@ def _seed_all(seed: int) -> None:
 
 
 def _batch_to(batch: dict, device: torch.device):
+    """(tokens, pos, neg, prompt ids, valid) on ``device``; with a text feature cache, tokens is (ids, states)."""
     valid = batch["valid"].to(device=device, dtype=torch.bool)
-    return (batch["tokens"].to(device), batch["pos"].to(device), batch["neg"].to(device),
-            batch["prompt_id"].to(device), valid)
+    tokens = batch["tokens"].to(device)
+    if "text" in batch:
+        tokens = (tokens, batch["text"].to(device))
+    return tokens, batch["pos"].to(device), batch["neg"].to(device), batch["prompt_id"].to(device), valid
+
+
+def _rows(tokens, mask: torch.Tensor):
+    return tuple(t[mask] for t in tokens) if isinstance(tokens, tuple) else tokens[mask]
 
 
 @torch.no_grad()
@@ -163,7 +172,7 @@ def evaluate(model: RewardModel, shard, cfg: TrainRewardConfig, device, autocast
         if not valid.any():
             continue
         with autocast():
-            t, p, n = model(tokens[valid], pos[valid], neg[valid])
+            t, p, n = model(_rows(tokens, valid), pos[valid], neg[valid])
         c, k = pairwise_accuracy(RewardModel.score(t, p), RewardModel.score(t, n))
         correct, count = correct + c, count + k
         loss_sum += float(compute_loss(t, p, n, cfg.loss, pids[valid])) * k
@@ -210,6 +219,7 @@ class RewardWorker(raytrain.Worker):
         import ray.train
         import ray.train.torch
 
+        self.feature_cache_plan = config.get("feature_cache_plan")
         super().__init__(config)
         cfg = self.cfg
         _seed_all(cfg.optim.seed)
@@ -230,7 +240,9 @@ class RewardWorker(raytrain.Worker):
     def _build(self) -> RewardModel:
         """The model (frozen per config), its AdamW over the trainable parameters and the LR schedule."""
         cfg = self.cfg
-        model = RewardModel(build_clip(cfg.model))
+        cut = self.feature_cache_plan
+        model = HeadRewardModel(build_clip(cfg.model), cut["image_depth"], cut["text_depth"]) if cut else \
+            RewardModel(build_clip(cfg.model))
         self.trainable, self.total_params = count_params(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -341,6 +353,9 @@ def check_config(cfg: TrainRewardConfig) -> None:
         raise ConfigError(problem)
     storage.check_output_dir(cfg.run.storage_path, "run.storage_path", cfg.data.s3_endpoint)
     storage.check_output_dir(run_dir(cfg), "run.name", cfg.data.s3_endpoint)
+    if cfg.data.feature_cache:  # a tower with nothing frozen, or an unknown layout, is refused before Ray starts
+        feature_cache.plan(cfg.model)
+        storage.check_output_dir(cfg.data.feature_cache, "data.feature_cache", cfg.data.s3_endpoint)
 
 
 def run_identity(cfg: TrainRewardConfig, infos: dict) -> dict[str, Any]:
@@ -390,16 +405,35 @@ def check_shared(cfg: TrainRewardConfig) -> None:
     for split in ("train", "val", "test"):
         if getattr(cfg.data, split):
             require_shared_storage(getattr(cfg.data, split), f"data.{split}", "Ray Data's tasks read it")
+    if cfg.data.feature_cache:
+        require_shared_storage(cfg.data.feature_cache, "data.feature_cache", "Ray Data's tasks write and read it")
 
 
-def fit(cfg: TrainRewardConfig, infos: dict, steps: int, callbacks: list | None):
-    """The Ray Train run of :func:`train_func`; returns (Result, storage filesystem or None, wall seconds)."""
+def fit(cfg: TrainRewardConfig, infos: dict, steps: int, callbacks: list | None, cache: dict | None = None):
+    """The Ray Train run of :func:`train_func` (on the feature cache's rows when ``cache`` is its manifest);
+    returns (Result, storage filesystem or None, wall seconds)."""
     model_cfg = to_dict(cfg.model)
-    datasets = {k: triplet_dataset(infos[k], model_cfg, cfg.data, ordered=k == "train" and cfg.run.exact_resume)
-                for k in ("train", "val") if k in infos}
+    splits = [k for k in ("train", "val") if k in infos]
+    if cache:
+        datasets = {k: feature_cache.cached_dataset(cfg.data.feature_cache, k, cache, cfg.model, cfg.data,
+                                                    ordered=k == "train" and cfg.run.exact_resume) for k in splits}
+    else:
+        datasets = {k: triplet_dataset(infos[k], model_cfg, cfg.data, ordered=k == "train" and cfg.run.exact_resume)
+                    for k in splits}
     return raytrain.fit(train_func, {"cfg": to_dict(cfg), "steps_per_epoch": steps, "run_dir": run_dir(cfg),
-                                     "splits": list(datasets)}, cfg, datasets, cfg.data.s3_endpoint,
+                                     "splits": splits, "feature_cache_plan": cache["plan"] if cache else None},
+                        cfg, datasets, cfg.data.s3_endpoint,
                         score_metric="val_pairwise_accuracy" if "val" in datasets else None, callbacks=callbacks)
+
+
+def ensure_feature_cache(cfg: TrainRewardConfig, infos: dict, max_vision_k: int | None = None,
+                         max_text_k: int | None = None) -> dict | None:
+    """The feature cache's manifest (built now where missing), or None without ``data.feature_cache``."""
+    if not cfg.data.feature_cache:
+        return None
+    splits = {k: v for k, v in infos.items() if k in ("train", "val")}
+    return feature_cache.ensure(cfg.data.feature_cache, splits, cfg.model, cfg.optim.seed, cfg.data,
+                                cfg.data.feature_cache_actors, cfg.scaling.use_gpu, max_vision_k, max_text_k)
 
 
 def summarize(cfg: TrainRewardConfig, infos: dict, result, fs, wall: float, score_test: bool) -> dict[str, Any]:
@@ -454,7 +488,12 @@ def train_reward(cfg: TrainRewardConfig, callbacks: list | None = None, score_te
                     "the training workers (scaling.num_workers x scaling.cpus_per_worker/gpus_per_worker) and "
                     "a Ray Data task (data.map_num_cpus)", fixed=fixed, wait_s=cfg.scaling.resource_wait_s)
     check_shared(cfg)
-    result, fs, wall = fit(cfg, infos, steps, callbacks)
+    cache = ensure_feature_cache(cfg, infos)
+    result, fs, wall = fit(cfg, infos, steps, callbacks, cache)
     summary = summarize(cfg, infos, result, fs, wall, score_test)
+    if cache:
+        summary["feature_cache"] = {"uri": storage.redact(cfg.data.feature_cache), "built_s": cache["built_s"],
+                                    **{k: cache["plan"][k] for k in ("image_depth", "text_depth")},
+                                    "bytes_per_triplet": feature_cache.row_bytes(cache)}
     storage.write_text(storage.join(run_dir(cfg), "summary.json"), json.dumps(summary, indent=1))
     return summary

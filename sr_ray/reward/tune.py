@@ -26,7 +26,14 @@ from sr_ray.core.logs import setup_logging
 from sr_ray.core.ray_utils import init_ray, require_shared_storage
 from sr_ray.core.raytrain import absolute_storage
 from sr_ray.reward.data import preflight
-from sr_ray.reward.train import TrainRewardConfig, check_config, require_train_split, steps_per_epoch, train_reward
+from sr_ray.reward.train import (
+    TrainRewardConfig,
+    check_config,
+    ensure_feature_cache,
+    require_train_split,
+    steps_per_epoch,
+    train_reward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,28 @@ def check_search(cfg: TuneRewardConfig) -> None:
                 trial_config(base, {key: v})
             except ConfigError as e:
                 raise ConfigError(f"search.{key}: {e}") from None
+
+
+CACHE_FIXED = ("model.name", "model.pretrained", "optim.seed", "data.train", "data.val", "data.image_root")
+
+
+def feature_cache_bounds(cfg: TuneRewardConfig) -> tuple[int, int]:
+    """(most vision blocks, most text blocks) any trial trains: the one feature cache the sweep builds before its
+    trials must be cut below both. A swept key that changes the trunk or the data cannot share a cache."""
+    fixed = [k for k in cfg.search if k in CACHE_FIXED or k.startswith("data.demo.")]
+    if fixed:
+        raise ConfigError(f"train.data.feature_cache is shared by every trial, but search.{fixed[0]} changes the "
+                          f"frozen trunk or the data it caches; sweep without a feature cache, or not over {fixed[0]}")
+    out = []
+    for tower in ("vision", "text"):
+        key = f"model.unfreeze_{tower}_blocks"
+        spec = cfg.search.get(key)
+        values = [getattr(cfg.train.model, f"unfreeze_{tower}_blocks")]
+        if spec:
+            kind, vals = next(iter(spec.items()))
+            values = list(range(vals[0], vals[1])) if kind == "randint" else list(vals)
+        out.append(-1 if -1 in values else max(int(v) for v in values))
+    return out[0], out[1]
 
 
 def _typed(base: dict, key: str, value: Any) -> Any:
@@ -262,9 +291,13 @@ def tune_reward(cfg: TuneRewardConfig) -> dict[str, Any]:
     infos = preflight(train.data)  # bad data fails here, before any trial starts
     if "val" not in infos:
         raise ConfigError("a sweep needs data.val: trials are ranked and stopped on validation accuracy")
+    bounds = feature_cache_bounds(cfg) if train.data.feature_cache else None
     init_ray(cfg.train.run.ray_address)
     require_shared_storage(sdir, "storage_path", "Tune's trials write checkpoints and results")
     at_once = concurrency(cfg, ray.cluster_resources())
+    if train.data.feature_cache:  # built once here, so that no two trials build it at once
+        require_shared_storage(train.data.feature_cache, "train.data.feature_cache", "Ray Data's tasks write it")
+        ensure_feature_cache(train, infos, *bounds)
     log.info("[tune] %s: %d trial(s) at a time, each %.2f CPU (+%.2f per Train worker x %d)", sdir, at_once,
              cfg.trial_cpus, cfg.train.scaling.cpus_per_worker, cfg.train.scaling.num_workers)
     storage.write_text(storage.join(sdir, "sweep_config.json"), json.dumps(to_dict(cfg), indent=1))
