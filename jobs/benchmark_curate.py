@@ -1,8 +1,10 @@
-"""Benchmark: the curation job (Ray Data) vs a single-process pandas implementation of the
-same rules, on simulated logs of growing size; rows/s, time growth and peak memory, in one run.
+"""Benchmark: the curation job (Ray) vs two single-machine implementations of the same rules,
+pandas and DuckDB, on simulated logs (log only); per side wall time, rows/s and peak memory at
+each size, and the fixed cost and marginal rows/s fitted through the smallest and largest size.
 
-    python jobs/benchmark_curate.py                         # 100K, 300K, 1M rows
-    python jobs/benchmark_curate.py sizes=[20000,50000]     # quick
+    python jobs/benchmark_curate.py                                  # 1M and 10M rows (simulated once, cached)
+    python jobs/benchmark_curate.py sizes=[20000,200000]             # quick
+    python jobs/benchmark_curate.py sides=[duckdb,ray] num_cpus=2    # leave pandas out
 """
 
 from sr_ray.app.registry import run

@@ -12,16 +12,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sr_ray.bench.curate import fit_line, format_table
+from sr_ray.bench.curate_duckdb import curate_duckdb
 from sr_ray.bench.curate_reference import curate_pandas
 from sr_ray.core import images
 from sr_ray.core.config import ConfigError
 from sr_ray.curation.curate import (
     CurateConfig,
     check_log,
+    cross_pairs,
     curate,
+    distinct_per_group,
     linear_quantile,
+    lowest_per_group,
     normalize_prompt,
     pair_rank,
+    pair_ranks,
+    shard_plan,
     split_of,
 )
 from sr_ray.demo.community import CommunityConfig, simulate
@@ -155,10 +162,67 @@ def test_pandas_reference_agrees_on_the_hand_built_log(tmp_path):
 
 def test_linear_quantile_from_value_counts_equals_numpy():
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 50, 777)
-    v, c = np.unique(x, return_counts=True)
-    for q in (0.0, 0.1, 0.5, 0.99, 1.0):
-        assert linear_quantile(v, c, q) == pytest.approx(np.quantile(x, q))
+    for n in (1, 2, 777, 1000):
+        x = rng.integers(0, 50, n)
+        v, c = np.unique(x, return_counts=True)
+        for q in np.linspace(0, 1, 101):
+            assert linear_quantile(v, c, q) == np.quantile(x.astype(np.float64), q)  # to the last bit
+
+
+def test_vectorized_pair_rules_equal_their_plain_definitions():
+    """The driver's array operations against loops written from the rules' text."""
+    rng = np.random.default_rng(1)
+    g = np.sort(rng.integers(0, 30, 400))
+    is_pos = rng.random(400) < 0.3
+    n_neg = np.bincount(g, weights=~is_pos, minlength=30).astype(np.int64)
+    pos, neg, pg = cross_pairs(g, is_pos, n_neg)
+    want = [(i, j) for i in range(400) for j in range(400) if g[i] == g[j] and is_pos[i] and not is_pos[j]]
+    assert sorted(zip(pos.tolist(), neg.tolist())) == want and (g[pos] == pg).all()
+    ids = [f"img-{i}" for i in range(400)]
+    rank = pair_ranks(7, [ids[i] for i in pos], [ids[j] for j in neg])
+    assert rank.tolist() == [pair_rank(7, ids[i], ids[j]) for i, j in zip(pos, neg)]
+    keep = lowest_per_group(pg, rank, 3)
+    for grp in set(pg.tolist()):
+        assert sorted(rank[(pg == grp) & keep].tolist()) == sorted(rank[pg == grp].tolist())[:3]
+    key = rng.integers(0, 5, len(pg))
+    assert distinct_per_group(pg, key, 30).tolist() == [len(set(key[pg == k].tolist())) for k in range(30)]
+    split = rng.integers(0, 3, len(pg))
+    order, plan = shard_plan(split, rank, 50)
+    for sp, shard, a, b in plan:  # a pair's shard: its rank modulo its split's shard count
+        n = -(-int((split == ["train", "val", "test"].index(sp)).sum()) // 50)
+        rows = order[a:b]
+        assert (split[rows] == ["train", "val", "test"].index(sp)).all() and (rank[rows] % n == shard).all()
+    assert sorted(order.tolist()) == list(range(len(pg))) and sum(b - a for *_, a, b in plan) == len(pg)
+
+
+def _same_pairs(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    cols = ["prompt", "pos_id", "neg_id", "pos_uri", "neg_uri", "split"]
+    return len(a) == len(b) and set(map(tuple, a[cols].to_numpy())) == set(map(tuple, b[cols].to_numpy()))
+
+
+def test_duckdb_reference_equals_pandas_on_the_hand_built_log_and_a_community(tmp_path):
+    log = write_hand_log(tmp_path / "hand")
+    comm = simulate(CommunityConfig(images=6000, write_images=False, chunk_images=3000, seed=5), str(tmp_path / "c"))
+    keys = ("images", "nsfw_removed", "remix_cutoff", "view_threshold", "prompts", "prompts_kept", "prompts_dropped",
+            "positives_content", "positives_creator", "positives_both", "positives", "negatives", "pairs_before_cap",
+            "table1", "triplets")
+    for path, rules in ((log, HAND_RULES), (comm, dict(max_pairs_per_prompt=3)), (comm, {})):
+        ref, c_ref = curate_pandas(pd.read_parquet(path), CurateConfig(**rules))
+        got, c = curate_duckdb(path, CurateConfig(**rules), threads=2)
+        assert _same_pairs(got, ref), (path, rules)
+        assert {k: c[k] for k in keys} == {k: c_ref[k] for k in keys}
+    assert len(ref) > 200
+
+
+def test_benchmark_fit_and_table():
+    fit = fit_line([1_000_000, 10_000_000], [20.0, 65.0])
+    assert fit == {"fixed_s": 15.0, "marginal_rows_per_s": 200_000}
+    r = {"cpus": 2, "fit": {"pandas": fit, "ray": fit}, "sizes": [
+        {"rows": n, "triplets": 7, "sides": {k: {"wall_s": w, "rows_per_s": round(n / w), "peak_gib": 1.5}
+                                             for k in ("pandas", "ray")}} for n, w in ((1_000_000, 20.0),
+                                                                                     (10_000_000, 65.0))]}
+    table = format_table(r)
+    assert "200,000" in table and "15.0" in table and table.count("\n") == 9
 
 
 def test_log_with_missing_columns_or_wrong_types_is_named(tmp_path):
@@ -249,7 +313,7 @@ def test_rerun_skips_finished_shards_and_other_rules_are_refused(hand_curated, t
         curate(CurateConfig(log=log, out=str(out), **{**HAND_RULES, "top_fraction": 0.5}))
 
 
-@pytest.mark.extended  # ~50 s; keeps the default suite under 12 minutes (S3 in/out is in the default suite for training)
+@pytest.mark.extended  # ~50 s; keeps the default suite under 12 minutes (S3 in/out: in the default suite for training)
 def test_s3_in_and_out_with_an_nsfw_classifier(ray_cluster, tmp_path, s3_bucket):
     comm = f"s3://{s3_bucket}/community"
     log = simulate(CommunityConfig(images=300, image_size=32, chunk_images=150, seed=2), comm)

@@ -1,11 +1,16 @@
-"""Curation throughput: sr-ray's Ray Data job against a single-process pandas
-implementation of the same rules (:mod:`sr_ray.bench.curate_reference`), on the same
-simulated log, in one run; rows/s at several log sizes and the peak memory of both.
+"""Curation throughput: sr-ray's Ray job against two single-machine implementations of the
+same rules on the same simulated log, in one run: pandas (:mod:`sr_ray.bench.curate_reference`,
+the whole log in one DataFrame) and DuckDB (:mod:`sr_ray.bench.curate_duckdb`, embedded SQL
+over the same Parquet: what a user with one big machine would pick). Per side and log size:
+wall time, rows/s and peak memory; per side, the fixed cost and the marginal rows/s of the
+line through the smallest and the largest size (wall = fixed + rows / marginal).
 
-Both select triplets and write them in the authors' form (``pack=false``: image
-bytes are not fetched, so the simulated log needs no images). Each side runs in
-its own process; memory is the peak summed RSS of that process and, for Ray, of
-every Ray process it started (raylet, GCS, workers), sampled every 0.2 s.
+All sides select triplets and write them in the authors' form (``pack=false``: image bytes
+are not fetched, so the simulated log needs no images); the benchmark asserts that they
+select the same number of triplets per split. Each side runs in its own process, its wall
+time counts its imports (and for Ray, starting the local cluster); memory is the peak summed
+RSS of that process and, for Ray, of every Ray process it started (raylet, GCS, workers),
+sampled every 0.2 s.
 """
 
 from __future__ import annotations
@@ -22,15 +27,31 @@ import psutil
 
 from sr_ray.demo.community import CommunityConfig, simulate
 
+SIDES = ("pandas", "duckdb", "ray")
+
 
 @dataclass
 class BenchCurateConfig:
-    sizes: list[int] = field(default_factory=lambda: [100_000, 300_000, 1_000_000])
-    """Log rows per measurement."""
+    sizes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000])
+    """Log rows per measurement (simulated once each, cached under ``work_dir``)."""
     work_dir: str = "/tmp/sr-ray-bench-curate"
     num_cpus: int | None = None
-    """CPUs of the local Ray cluster (default: all)."""
+    """CPUs of the local Ray cluster and DuckDB's threads (default: all)."""
+    sides: list[str] = field(default_factory=lambda: list(SIDES))
+    """Which implementations to run (of pandas, duckdb, ray)."""
     seed: int = 0
+    repeats: int = 1
+    """Runs of each side at each size: the table shows the fastest (a shared machine's noise only ever adds time)
+    and the highest peak memory."""
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError("sizes must be one or more positive row counts")
+        if self.repeats < 1:
+            raise ValueError("repeats must be >= 1")
+        unknown = [s for s in self.sides if s not in SIDES]
+        if unknown or not self.sides:
+            raise ValueError(f"sides must be some of {list(SIDES)}, got {self.sides}")
 
 
 def _peak_rss(proc: subprocess.Popen) -> tuple[int, float]:
@@ -66,6 +87,11 @@ def _child(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
             pq.write_table(pa.Table.from_pandas(part.drop(columns="split"), preserve_index=False),
                            f"{out}/{s}/part-00000.parquet")
         triplets = counts["triplets"]
+    elif kind == "duckdb":
+        from sr_ray.bench.curate_duckdb import curate_duckdb_to
+        from sr_ray.curation.curate import CurateConfig
+
+        triplets = curate_duckdb_to(log, CurateConfig(pack=False), out, threads=num_cpus)["triplets"]
     else:
         import ray
 
@@ -97,50 +123,65 @@ def _run_side(kind: str, log: str, out: str, num_cpus: int | None) -> dict:
     return r
 
 
+def _simulated_log(cfg: BenchCurateConfig, n: int) -> str:
+    base = os.path.join(cfg.work_dir, f"n{n}", "community")
+    if not os.path.exists(os.path.join(base, "community.json")):
+        t = time.perf_counter()
+        simulate(CommunityConfig(images=n, seed=cfg.seed, write_images=False, chunk_images=100_000), base)
+        print(f"[bench] simulated {n:,} rows in {time.perf_counter() - t:.1f}s", flush=True)
+    return os.path.join(base, "log")
+
+
+def fit_line(sizes: list[int], walls: list[float]) -> dict:
+    """Fixed cost (s) and marginal rows/s of the line through the smallest and the largest size."""
+    (n0, t0), (n1, t1) = min(zip(sizes, walls)), max(zip(sizes, walls))
+    if n1 == n0:
+        return {"fixed_s": None, "marginal_rows_per_s": None}
+    slope = (t1 - t0) / (n1 - n0)
+    return {"fixed_s": round(t0 - slope * n0, 1), "marginal_rows_per_s": round(1 / slope) if slope > 0 else None}
+
+
 def bench_curate(cfg: BenchCurateConfig) -> dict:
     import shutil
 
     rows = []
-    for n in cfg.sizes:
-        base = os.path.join(cfg.work_dir, f"n{n}")
-        log = os.path.join(base, "community", "log")
-        if not os.path.exists(os.path.join(base, "community", "community.json")):
-            t = time.perf_counter()
-            simulate(CommunityConfig(images=n, seed=cfg.seed, write_images=False, chunk_images=100_000),
-                     os.path.join(base, "community"))
-            print(f"[bench] simulated {n:,} rows in {time.perf_counter() - t:.1f}s", flush=True)
+    for n in sorted(cfg.sizes):
+        log = _simulated_log(cfg, n)
         sides = {}
-        for kind in ("pandas", "ray"):
-            out = os.path.join(base, f"out-{kind}")
-            shutil.rmtree(out, ignore_errors=True)
-            sides[kind] = _run_side(kind, log, out, cfg.num_cpus)
-            print(f"[bench] {n:,} rows, {kind}: {sides[kind]['wall_s']:.1f}s, peak {sides[kind]['peak_rss_gib']} GiB",
-                  flush=True)
-        assert sides["pandas"]["triplets"] == sides["ray"]["triplets"], "the two implementations disagree"
-        rows.append({"rows": n, "triplets": sum(sides["ray"]["triplets"].values()),
-                     "pandas_s": round(sides["pandas"]["wall_s"], 1), "ray_s": round(sides["ray"]["wall_s"], 1),
-                     "pandas_rows_per_s": round(n / sides["pandas"]["wall_s"]),
-                     "ray_rows_per_s": round(n / sides["ray"]["wall_s"]),
-                     "speedup": round(sides["pandas"]["wall_s"] / sides["ray"]["wall_s"], 3),
-                     "pandas_peak_gib": sides["pandas"]["peak_rss_gib"], "ray_peak_gib": sides["ray"]["peak_rss_gib"]})
-    first, last = rows[0], rows[-1]
-    growth = {"rows_ratio": last["rows"] / first["rows"], "ray_time_ratio": round(last["ray_s"] / first["ray_s"], 2),
-              "pandas_time_ratio": round(last["pandas_s"] / first["pandas_s"], 2),
-              "ray_mem_ratio": round(last["ray_peak_gib"] / first["ray_peak_gib"], 2),
-              "pandas_mem_ratio": round(last["pandas_peak_gib"] / first["pandas_peak_gib"], 2)}
-    return {"cpus": cfg.num_cpus or os.cpu_count(), "sizes": rows, "growth": growth}
+        for kind in cfg.sides:
+            out = os.path.join(cfg.work_dir, f"n{n}", f"out-{kind}")
+            runs = []
+            for _ in range(cfg.repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(_run_side(kind, log, out, cfg.num_cpus))
+                print(f"[bench] {n:,} rows, {kind}: {runs[-1]['wall_s']:.1f}s, peak {runs[-1]['peak_rss_gib']} GiB",
+                      flush=True)
+            sides[kind] = {**min(runs, key=lambda r: r["wall_s"]), "peak_rss_gib": max(r["peak_rss_gib"] for r in runs)}
+        first = next(iter(sides.values()))["triplets"]
+        assert all(s["triplets"] == first for s in sides.values()), \
+            f"the implementations disagree: { {k: s['triplets'] for k, s in sides.items()} }"
+        rows.append({"rows": n, "triplets": sum(first.values()), "sides": {
+            k: {"wall_s": round(s["wall_s"], 2), "rows_per_s": round(n / s["wall_s"]), "peak_gib": s["peak_rss_gib"]}
+            for k, s in sides.items()}})
+    fits = {k: fit_line([r["rows"] for r in rows], [r["sides"][k]["wall_s"] for r in rows]) for k in cfg.sides}
+    return {"cpus": cfg.num_cpus or os.cpu_count(), "repeats": cfg.repeats, "sizes": rows, "fit": fits}
 
 
 def format_table(r: dict) -> str:
-    lines = [f"curation on {r['cpus']} CPUs: sr-ray (Ray Data) vs single-process pandas, same rules, same log",
-             f"{'rows':>10s} {'triplets':>9s} {'pandas s':>9s} {'ray s':>7s} {'pandas rows/s':>14s} "
-             f"{'ray rows/s':>11s} {'ray/pandas':>10s} {'pandas GiB':>11s} {'ray GiB':>8s}"]
+    sides = list(r["fit"])
+    best = f", fastest of {r['repeats']} runs" if r.get("repeats", 1) > 1 else ""
+    lines = [f"curation on {r['cpus']} CPUs: {', '.join(sides)} - same rules, same simulated log (authors' form){best}",
+             f"{'rows':>11s} {'triplets':>10s}  {'side':<7s} {'wall s':>7s} {'rows/s':>10s} {'peak GiB':>9s}"]
     for x in r["sizes"]:
-        lines.append(f"{x['rows']:>10,} {x['triplets']:>9,} {x['pandas_s']:>9.1f} {x['ray_s']:>7.1f} "
-                     f"{x['pandas_rows_per_s']:>14,} {x['ray_rows_per_s']:>11,} {x['speedup']:>9.2f}x "
-                     f"{x['pandas_peak_gib']:>11.2f} {x['ray_peak_gib']:>8.2f}")
-    g = r["growth"]
-    lines.append(f"from {r['sizes'][0]['rows']:,} to {r['sizes'][-1]['rows']:,} rows ({g['rows_ratio']:.0f}x): "
-                 f"time x{g['ray_time_ratio']} (ray) vs x{g['pandas_time_ratio']} (pandas); "
-                 f"peak memory x{g['ray_mem_ratio']} (ray) vs x{g['pandas_mem_ratio']} (pandas)")
+        for i, k in enumerate(sides):
+            s = x["sides"][k]
+            head = f"{x['rows']:>11,} {x['triplets']:>10,}" if i == 0 else " " * 22
+            lines.append(f"{head}  {k:<7s} {s['wall_s']:>7.1f} {s['rows_per_s']:>10,} {s['peak_gib']:>9.2f}")
+    lo, hi = r["sizes"][0]["rows"], r["sizes"][-1]["rows"]
+    lines.append(f"wall = fixed + rows / marginal, through {lo:,} and {hi:,} rows:")
+    lines.append(f"{'side':<7s} {'fixed s':>8s} {'marginal rows/s':>16s}")
+    for k, f in r["fit"].items():
+        fixed = "-" if f["fixed_s"] is None else f"{f['fixed_s']:.1f}"
+        marg = "-" if f["marginal_rows_per_s"] is None else f"{f['marginal_rows_per_s']:,}"
+        lines.append(f"{k:<7s} {fixed:>8s} {marg:>16s}")
     return "\n".join(lines)

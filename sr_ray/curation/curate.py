@@ -1,5 +1,5 @@
 """Curation: a platform log -> (prompt, popular image, unpopular image) triplet shards,
-with the paper's bias controls (appendix A.2), as Ray Data passes over the log.
+with the paper's bias controls (appendix A.2), in two streaming passes over the log.
 
 Rules (each a field of :class:`CurateConfig`):
 
@@ -27,12 +27,18 @@ Rules (each a field of :class:`CurateConfig`):
    counted. Shards of about ``rows_per_shard`` rows, written atomically; a re-run
    skips finished shards.
 
-How it scales: pass 1 streams the log once for histograms and per-prompt
-partial aggregates (merged on the driver: a few numbers per distinct prompt);
-pass 2 streams it for the threshold (exact quantile from value counts); pass 3
-streams it again keeping only positive/negative candidates, groups those by
-prompt (the only shuffle, over a small fraction of the log), and pass 4 packs
-shards in parallel. No process ever holds the whole log.
+How it scales: the log is read twice, streaming, by plain Ray tasks (a few per CPU, each
+over consecutive row groups, in batches of ``batch_rows``), and never shuffled. Pass 1
+yields per batch the histograms, per-prompt partial aggregates and (prompt hash, views
+before first remix) of the remixed rows; the driver merges them (a few numbers per distinct
+prompt, two per remixed row), finds the remix cutoff and the prompts with a positive, and
+takes the exact view threshold from those rows' value counts. Pass 2 keeps only the
+positives and negatives of positive prompts (a fifth of the simulated log) and brings them
+to the driver, where dedup, per-prompt counts, the positive x negative pairs, the cap and
+the splits are array operations (sort, group boundaries, repeat), the pair ranks hashed in
+Ray tasks. Plain Ray tasks pack the shards, a few shards each. The driver holds the
+candidates and the pairs' row numbers, never the log. (Ray Data's streaming executor was
+measured at 2-3x these tasks' wall time per pass on 2 CPUs, hence plain tasks.)
 """
 
 from __future__ import annotations
@@ -165,6 +171,14 @@ def pair_rank(seed: int, pos_id: str, neg_id: str) -> int:
     return _h64(seed, pos_id, neg_id)
 
 
+def pair_ranks(seed: int, pos_ids, neg_ids) -> np.ndarray:
+    """:func:`pair_rank` of many pairs (two equally long sequences of ids) as uint64: the same hash, without a
+    Python int per pair (one joined buffer of 8-byte digests, read by numpy)."""
+    blake, pre = hashlib.blake2b, f"{seed}\x1f"
+    digests = b"".join(blake(f"{pre}{a}\x1f{b}".encode(), digest_size=8).digest() for a, b in zip(pos_ids, neg_ids))
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
 def prompt_hash(prompts) -> np.ndarray:
     """uint64 key per prompt string (vectorized; for grouping inside one run only)."""
     import pandas as pd
@@ -173,7 +187,8 @@ def prompt_hash(prompts) -> np.ndarray:
 
 
 def linear_quantile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
-    """numpy's default (linear) quantile of a multiset given as sorted ``values`` with ``counts``."""
+    """numpy's default (linear) quantile of a multiset given as sorted ``values`` with ``counts``, to the last bit
+    (numpy's interpolation: from the lower neighbour below the midpoint, from the upper one above it)."""
     n = int(counts.sum())
     if n == 0:
         return math.inf
@@ -182,16 +197,8 @@ def linear_quantile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
     cum = np.cumsum(counts)
     v_lo = float(values[np.searchsorted(cum, lo, side="right")])
     v_hi = float(values[np.searchsorted(cum, hi, side="right")])
-    return v_lo + (v_hi - v_lo) * (pos - lo)
-
-
-def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    v = np.concatenate([p[0] for p in parts])
-    c = np.concatenate([p[1] for p in parts])
-    u, inv = np.unique(v, return_inverse=True)
-    return u, np.bincount(inv, weights=c, minlength=len(u)).astype(np.int64)
+    t = pos - lo
+    return v_hi - (v_hi - v_lo) * (1 - t) if t >= 0.5 else v_lo + (v_hi - v_lo) * t
 
 
 # ---------------------------------------------------------------- input checks
@@ -221,7 +228,7 @@ def check_log(uri: str, endpoint: str | None) -> tuple[list[parquet.ParquetFile]
     return files, has_nsfw
 
 
-# ---------------------------------------------------------------- Ray Data passes (batch functions)
+# ---------------------------------------------------------------- the two streaming passes (batch functions)
 
 
 def _nsfw_ok(t: pa.Table, nsfw_max: float, has_nsfw: bool) -> np.ndarray:
@@ -238,10 +245,6 @@ def _prompt_ok(t: pa.Table, max_chars: int) -> np.ndarray:
     return pc.fill_null(ok, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
-def _keep_mask(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int) -> np.ndarray:
-    return _nsfw_ok(t, nsfw_max, has_nsfw) & _prompt_ok(t, max_prompt_chars)
-
-
 def _ints(t: pa.Table, col: str, fill: int = 0) -> np.ndarray:
     return pc.fill_null(t.column(col), fill).to_numpy(zero_copy_only=False).astype(np.int64)
 
@@ -250,44 +253,50 @@ def _bools(t: pa.Table, col: str) -> np.ndarray:
     return pc.fill_null(t.column(col), False).to_numpy(zero_copy_only=False).astype(bool)
 
 
-def _pass1(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int) -> pa.Table:
-    """Per batch: counts, histograms, and per-prompt partial aggregates (hash, images, max remix, any influencer)."""
+def _prompt_codes(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(per row: index into the batch's distinct prompts, per distinct prompt: its :func:`prompt_hash`).
+    Hashing the distinct prompts only (Arrow's dictionary encoding) is ~10x less work than hashing every row;
+    a null prompt gets index 0 (its row is dropped by the prompt check anyway)."""
+    enc = pc.dictionary_encode(t.column("prompt").combine_chunks())
+    idx = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    words = enc.dictionary.to_numpy(zero_copy_only=False)
+    return idx, (prompt_hash(words) if len(words) else np.zeros(1, np.uint64))
+
+
+def _member(x: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """x[i] in sorted_keys, for a sorted unique key array (binary search; no sort of ``x``)."""
+    if not len(sorted_keys):
+        return np.zeros(len(x), bool)
+    i = np.minimum(np.searchsorted(sorted_keys, x), len(sorted_keys) - 1)
+    return sorted_keys[i] == x
+
+
+def _scan(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int) -> pa.Table:
+    """Pass 1, per batch: counts, histograms, per-prompt partial aggregates (hash, images, max remix, any
+    influencer), and (prompt hash, views before first remix) of every kept remixed row, so the driver gets the
+    exact view threshold once it knows the prompts with a positive (no second pass for it)."""
     prompt_ok = _prompt_ok(t, max_prompt_chars)
     keep = _nsfw_ok(t, nsfw_max, has_nsfw) & prompt_ok
+    idx, u = _prompt_codes(t)
+    idx = idx[keep]
     remix = _ints(t, "remix_count")[keep]
     views = _ints(t, "views")[keep]
-    infl = _bools(t, "influencer_remix")[keep]
-    ph = prompt_hash(t.column("prompt").to_numpy(zero_copy_only=False)[keep])
+    vbfr = _ints(t, "views_before_first_remix", -1)[keep]
     rv, rc = np.unique(remix, return_counts=True)
-    u, inv = np.unique(ph, return_inverse=True)
-    n_img = np.bincount(inv, minlength=len(u))
+    n_img = np.bincount(idx, minlength=len(u))
     mx = np.full(len(u), -1, np.int64)
-    np.maximum.at(mx, inv, remix)
-    anyi = np.bincount(inv, weights=infl, minlength=len(u)) > 0
+    np.maximum.at(mx, idx, remix)
+    anyi = np.bincount(idx, weights=_bools(t, "influencer_remix")[keep], minlength=len(u)) > 0
+    seen, remixed = n_img > 0, (remix >= 1) & (vbfr >= 0)
     return pa.table({
         "rows": [int(t.num_rows)], "nsfw_removed": [int((prompt_ok & ~keep).sum())],
         "bad_prompts": [int((~prompt_ok).sum())],
         "remix_values": [rv], "remix_counts": [rc],
         "views_hist": [np.histogram(views, VIEW_BINS)[0]],
         "zero_remix_views_hist": [np.histogram(views[remix == 0], VIEW_BINS)[0]],
-        "ph": [u], "n_images": [n_img], "max_remix": [mx], "any_influencer": [anyi],
+        "ph": [u[seen]], "n_images": [n_img[seen]], "max_remix": [mx[seen]], "any_influencer": [anyi[seen]],
+        "remixed_ph": [u[idx[remixed]]], "remixed_vbfr": [vbfr[remixed]],
     })
-
-
-def _in_set(t: pa.Table, keys: np.ndarray) -> np.ndarray:
-    ph = prompt_hash(t.column("prompt").to_numpy(zero_copy_only=False))
-    return np.isin(ph, keys, assume_unique=False), ph
-
-
-def _pass2(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int, pos_keys) -> pa.Table:
-    """Per batch: value counts of views_before_first_remix over remixed images of positive prompts."""
-    keys = pos_keys if isinstance(pos_keys, np.ndarray) else _get(pos_keys)
-    inp, _ = _in_set(t, keys)
-    m = _keep_mask(t, nsfw_max, has_nsfw, max_prompt_chars) & inp & (_ints(t, "remix_count") >= 1)
-    v = _ints(t, "views_before_first_remix", -1)[m]
-    v = v[v >= 0]
-    vv, vc = np.unique(v, return_counts=True)
-    return pa.table({"values": [vv], "counts": [vc], "hist": [np.histogram(v, VIEW_BINS)[0]]})
 
 
 def _get(ref):
@@ -296,85 +305,106 @@ def _get(ref):
     return ray.get(ref)
 
 
-def _pass3(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int, pos_keys, cutoff: int,
-           threshold: float) -> pa.Table:
-    """Rows that are positives or negatives of positive prompts, labelled; everything else dropped."""
+CANDIDATE_SCHEMA = pa.schema([("ph", pa.uint64()), ("prompt", pa.large_string()), ("image_id", pa.large_string()),
+                              ("image_uri", pa.large_string()), ("uh", pa.uint64()), ("is_pos", pa.bool_()),
+                              ("content", pa.bool_()), ("creator", pa.bool_())])
+
+
+def _candidates(t: pa.Table, nsfw_max: float, has_nsfw: bool, max_prompt_chars: int, pos_keys, cutoff: int,
+                threshold: float) -> pa.Table:
+    """Pass 2, per batch: rows that are positives or negatives of positive prompts, labelled; the rest dropped."""
     keys = pos_keys if isinstance(pos_keys, np.ndarray) else _get(pos_keys)
-    inp, ph = _in_set(t, keys)
+    idx, u = _prompt_codes(t)
     remix = _ints(t, "remix_count")
     content = remix >= cutoff
     creator = _bools(t, "influencer_remix")
     is_pos = content | creator
     is_neg = ~is_pos & (remix == 0) & (_ints(t, "views") >= threshold)
-    m = _keep_mask(t, nsfw_max, has_nsfw, max_prompt_chars) & inp & (is_pos | is_neg)
+    m = (_nsfw_ok(t, nsfw_max, has_nsfw) & _prompt_ok(t, max_prompt_chars) & _member(u, keys)[idx]
+         & (is_pos | is_neg))
+    mask = pa.array(m)
+    uri = t.column("image_uri").filter(mask)
     return pa.table({
-        "ph": ph[m], "prompt": t.column("prompt").filter(pa.array(m)),
-        "image_id": t.column("image_id").filter(pa.array(m)), "image_uri": t.column("image_uri").filter(pa.array(m)),
+        "ph": u[idx[m]], "prompt": t.column("prompt").filter(mask), "image_id": t.column("image_id").filter(mask),
+        "image_uri": uri, "uh": prompt_hash(uri.to_numpy(zero_copy_only=False)),  # counts distinct images
         "is_pos": is_pos[m], "content": content[m], "creator": creator[m],
-    })
+    }).cast(CANDIDATE_SCHEMA)
 
 
-def _prompt_groups(t: pa.Table, seed: int, cap: int, ratios: list[float]) -> pa.Table:
-    """One prompt's candidates -> one row: its split, counts and the (capped) pairs as lists."""
-    d = t.to_pydict()
-    prompt = d["prompt"][0]
-    # an image_id listed twice (a log written twice, a join gone wrong) counts once: as a positive if either
-    # row says so, with the smallest URI; the extra rows are counted (deterministic whatever the row order)
-    rows = sorted(zip(d["image_id"], [not p for p in d["is_pos"]], d["image_uri"], range(t.num_rows)))
-    first = {}
-    for i, not_pos, u, k in rows:
-        first.setdefault(i, (u, not not_pos, k))
-    dups = t.num_rows - len(first)
-    pos = [(i, u) for i, (u, p, _) in sorted(first.items()) if p]
-    neg = [(i, u) for i, (u, p, _) in sorted(first.items()) if not p]
-    kept = [k for _, (_, _, k) in first.items()]
-    pairs = [(pair_rank(seed, a[0], b[0]), a, b) for a in pos for b in neg]
-    if cap and len(pairs) > cap:
-        pairs = sorted(pairs)[:cap]
-    return pa.table({
-        "ph": [d["ph"][0]], "prompt": [prompt], "split": [split_of(normalize_prompt(prompt), ratios)],
-        "n_pos": [len(pos)], "n_neg": [len(neg)],
-        "n_content": [sum(d["content"][j] and not d["creator"][j] for j in kept if d["is_pos"][j])],
-        "n_creator": [sum(d["creator"][j] and not d["content"][j] for j in kept if d["is_pos"][j])],
-        "n_both": [sum(d["content"][j] and d["creator"][j] for j in kept)], "n_duplicates": [dups],
-        "pairs_before_cap": [len(pos) * len(neg)], "n_pairs": [len(pairs)],
-        "n_used_images": [len({a[1] for _, a, _ in pairs} | {b[1] for _, _, b in pairs})],
-        "pair_rank": [[r for r, _, _ in pairs]],
-        "pos_id": [[a[0] for _, a, _ in pairs]], "pos_uri": [[a[1] for _, a, _ in pairs]],
-        "neg_id": [[b[0] for _, _, b in pairs]], "neg_uri": [[b[1] for _, _, b in pairs]],
-    }, schema=pa.schema([("ph", pa.uint64()), ("prompt", pa.string()), ("split", pa.string()),
-                         ("n_pos", pa.int64()), ("n_neg", pa.int64()), ("n_content", pa.int64()),
-                         ("n_creator", pa.int64()), ("n_both", pa.int64()), ("n_duplicates", pa.int64()),
-                         ("pairs_before_cap", pa.int64()),
-                         ("n_pairs", pa.int64()), ("n_used_images", pa.int64()), ("pair_rank", pa.list_(pa.uint64())),
-                         ("pos_id", pa.list_(pa.string())), ("pos_uri", pa.list_(pa.string())),
-                         ("neg_id", pa.list_(pa.string())), ("neg_uri", pa.list_(pa.string()))]))
+# ---------------------------------------------------------------- per-prompt rules, vectorized over all candidates
 
 
-def _explode(t: pa.Table, n_shards: dict[str, int]) -> pa.Table:
-    """Per-prompt rows (kept prompts) -> one row per pair, with its shard."""
-    cols = {k: [] for k in ("prompt", "split", "pos_id", "neg_id", "pos_uri", "neg_uri", "rank", "shard",
-                            "shard_key")}
-    d = t.to_pydict()
-    for i in range(t.num_rows):
-        if d["n_neg"][i] == 0:  # dropped prompt: no pairs
-            continue
-        s = d["split"][i]
-        for r, a, au, b, bu in zip(d["pair_rank"][i], d["pos_id"][i], d["pos_uri"][i], d["neg_id"][i],
-                                    d["neg_uri"][i]):
-            cols["prompt"].append(d["prompt"][i])
-            cols["split"].append(s)
-            cols["pos_id"].append(a)
-            cols["neg_id"].append(b)
-            cols["pos_uri"].append(au)
-            cols["neg_uri"].append(bu)
-            cols["rank"].append(r)
-            cols["shard"].append(int(r % n_shards[s]))
-            cols["shard_key"].append(SPLITS.index(s) << 32 | cols["shard"][-1])  # one group per output shard
-    return pa.table(cols, schema=pa.schema([
-        ("prompt", pa.string()), ("split", pa.string()), ("pos_id", pa.string()), ("neg_id", pa.string()),
-        ("pos_uri", pa.string()), ("neg_uri", pa.string()), ("rank", pa.uint64()), ("shard", pa.int64()),
-        ("shard_key", pa.int64())]))
+def dedup_candidates(cand: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates -> (row numbers of the rows that count, ordered by prompt hash then image_id; the prompt group of
+    each; duplicate rows per group). An image_id listed twice in a prompt (a log written twice, a join gone wrong)
+    counts once: as a positive if either row says so, with the smallest URI (whatever the rows' order)."""
+    order = pc.sort_indices(cand, sort_keys=[("ph", "ascending"), ("image_id", "ascending"),
+                                             ("is_pos", "descending"), ("image_uri", "ascending")]).to_numpy()
+    n = len(order)
+    ph = cand.column("ph").to_numpy()[order]
+    new_group = np.ones(n, bool)
+    new_group[1:] = ph[1:] != ph[:-1]
+    first = new_group.copy()
+    if n > 1:
+        ids = cand.column("image_id").take(pa.array(order)).combine_chunks()
+        a, b = ids.slice(1), ids.slice(0, n - 1)
+        same = pc.fill_null(pc.equal(a, b), pc.and_(pc.is_null(a), pc.is_null(b)))  # two null ids: the same
+        first[1:] |= ~same.to_numpy(zero_copy_only=False)
+    g_all = np.cumsum(new_group) - 1
+    n_groups = int(new_group.sum())
+    dups = np.bincount(g_all, minlength=n_groups) - np.bincount(g_all[first], minlength=n_groups)
+    return order[first], g_all[first], dups
+
+
+def cross_pairs(g: np.ndarray, is_pos: np.ndarray, n_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every positive x negative pair within a group, for rows sorted by group ``g``: (positive row, negative
+    row, group) per pair. ``n_neg``: negatives per group. Built with repeat/arange, no loop over pairs."""
+    pos_rows, neg_rows = np.flatnonzero(is_pos), np.flatnonzero(~is_pos)
+    gp = g[pos_rows]
+    reps = n_neg[gp]
+    neg_start = np.searchsorted(g[neg_rows], gp)  # the group's first negative among neg_rows
+    total = int(reps.sum())
+    block = np.repeat(np.cumsum(reps) - reps, reps)
+    pair_neg = neg_rows[np.repeat(neg_start, reps) + (np.arange(total) - block)]
+    return np.repeat(pos_rows, reps), pair_neg, np.repeat(gp, reps)
+
+
+def lowest_per_group(group: np.ndarray, rank: np.ndarray, cap: int) -> np.ndarray:
+    """Mask of the ``cap`` lowest-ranked items of each group (all of them when ``cap`` is 0)."""
+    if not cap or not len(group):
+        return np.ones(len(group), bool)
+    order = np.lexsort((rank, group))
+    gs = group[order]
+    start = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+    nth = np.arange(len(gs)) - np.repeat(start, np.diff(np.r_[start, len(gs)]))
+    keep = np.zeros(len(group), bool)
+    keep[order[nth < cap]] = True
+    return keep
+
+
+def distinct_per_group(group: np.ndarray, key: np.ndarray, n_groups: int) -> np.ndarray:
+    """Number of distinct ``key`` values per group (``group`` in [0, n_groups))."""
+    if not len(group):
+        return np.zeros(n_groups, np.int64)
+    order = np.lexsort((key, group))
+    g, k = group[order], key[order]
+    new = np.r_[True, (g[1:] != g[:-1]) | (k[1:] != k[:-1])]
+    return np.bincount(g[new], minlength=n_groups)
+
+
+def shard_plan(split: np.ndarray, rank: np.ndarray, rows_per_shard: int) -> tuple[np.ndarray, list]:
+    """Pairs (split index, rank) -> (their order, grouped by shard; [(split, shard, start, end)] of that order).
+    A pair's shard is its rank modulo its split's shard count (shards of about ``rows_per_shard`` rows)."""
+    per_split = np.bincount(split, minlength=len(SPLITS))
+    n_shards = np.maximum(1, -(-per_split // rows_per_shard))
+    shard = (rank % n_shards.astype(np.uint64)[split]).astype(np.int64) if len(split) else np.zeros(0, np.int64)
+    key = (np.cumsum(n_shards) - n_shards)[split] + shard  # a shard's number over all splits
+    order = np.argsort(key.astype(np.uint16) if n_shards.sum() < 2**16 else key, kind="stable")  # radix sort
+    sizes = np.bincount(key, minlength=int(n_shards.sum()))
+    ends = np.cumsum(sizes)
+    plan = [(SPLITS[s], int(i), int(ends[k] - sizes[k]), int(ends[k]))
+            for k, (s, i) in enumerate((s, i) for s in range(len(SPLITS)) for i in range(n_shards[s])) if sizes[k]]
+    return order, plan
 
 
 def check_image(data: bytes, min_side: int, max_side: int, limits: InputLimits | None = None) -> None:
@@ -394,21 +424,14 @@ def shard_name(split: str, shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-def _pack_shard(t: pa.Table, out: str, cfg_d: dict) -> pa.Table:
-    """One shard's pairs -> fetch, validate, write ``<out>/<split>/part-*.parquet`` (+ a done-marker with stats)."""
-    endpoint = cfg_d["s3_endpoint"]
-    split, shard = t.column("split")[0].as_py(), int(t.column("shard")[0].as_py())
-    marker = storage.join(out, "_shards", f"{split}-{shard:05d}.json")
-    if storage.exists(marker, endpoint):  # finished by an earlier run
-        stats = json.loads(storage.read_bytes(marker, endpoint))
-        stats["resumed"] = True
-        return pa.table({"stats": [json.dumps(stats)]})
-    t = t.sort_by("rank")
-    d = t.to_pydict()
-    uris = sorted(set(d["pos_uri"]) | set(d["neg_uri"]))
-    bad: dict[str, str] = {}
-    data: dict[str, bytes] = {}
-    limits = InputLimits(**cfg_d["limits"])
+def shard_marker(out: str, split: str, shard: int) -> str:
+    """The done-marker of a shard (its stats as JSON, written after the shard)."""
+    return storage.join(out, "_shards", f"{split}-{shard:05d}.json")
+
+
+def fetch_images(uris: list[str], cfg_d: dict) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(bytes of every usable image, why each other one is unusable), read in ``fetch_threads`` threads."""
+    endpoint, limits = cfg_d["s3_endpoint"], InputLimits(**cfg_d["limits"])
     filesystems: dict[bool, Any] = {}
 
     def fetch(u):
@@ -427,23 +450,36 @@ def _pack_shard(t: pa.Table, out: str, cfg_d: dict) -> pa.Table:
         except (OSError, ValueError) as e:  # missing, no permission, a scheme sr-ray cannot read (https://)
             return u, None, f"unreadable: {type(e).__name__}: {e}"
 
-    if cfg_d["pack"]:  # the authors' form stores URIs only: nothing is fetched (training validates)
-        with ThreadPoolExecutor(cfg_d["fetch_threads"]) as ex:
-            for u, b, err in ex.map(fetch, uris):
-                if err:
-                    bad[u] = err
-                else:
-                    data[u] = b
-    ok = [i for i in range(t.num_rows) if d["pos_uri"][i] not in bad and d["neg_uri"][i] not in bad]
+    data: dict[str, bytes] = {}
+    bad: dict[str, str] = {}
+    with ThreadPoolExecutor(cfg_d["fetch_threads"]) as ex:
+        for u, b, err in ex.map(fetch, uris):
+            if err:
+                bad[u] = err
+            else:
+                data[u] = b
+    return data, bad
+
+
+def pack_shard(t: pa.Table, split: str, shard: int, out: str, cfg_d: dict) -> dict:
+    """One shard's pairs (prompt, pos_id, neg_id, pos_uri, neg_uri; in output order) -> images fetched and
+    validated (pack) -> ``<out>/<split>/part-*.parquet`` and its done-marker; returns the shard's stats."""
+    endpoint = cfg_d["s3_endpoint"]
+    pos_uri, neg_uri = t.column("pos_uri"), t.column("neg_uri")
+    uris = sorted(set(pc.unique(pa.chunked_array(pos_uri.chunks + neg_uri.chunks, pos_uri.type)).to_pylist())) \
+        if cfg_d["pack"] else []
+    data, bad = fetch_images(uris, cfg_d) if cfg_d["pack"] else ({}, {})  # authors' form: training validates
+    ok = t.filter(pc.invert(pc.or_(pc.is_in(pos_uri, pa.array(sorted(bad), pos_uri.type)),
+                                   pc.is_in(neg_uri, pa.array(sorted(bad), neg_uri.type))))) if bad else t
+    cols = {"prompt": ok.column("prompt"), "pos_id": ok.column("pos_id"), "neg_id": ok.column("neg_id")}
     if cfg_d["pack"]:
-        table = pa.table({"prompt": [d["prompt"][i] for i in ok], "pos_id": [d["pos_id"][i] for i in ok],
-                          "neg_id": [d["neg_id"][i] for i in ok],
-                          "pos_image": [data[d["pos_uri"][i]] for i in ok],
-                          "neg_image": [data[d["neg_uri"][i]] for i in ok]}, schema=PACKED_SCHEMA)
+        keys = pa.array(list(data), pos_uri.type)
+        blobs = pa.array(list(data.values()), pa.large_binary())
+        cols |= {"pos_image": blobs.take(pc.index_in(ok.column("pos_uri"), value_set=keys)),
+                 "neg_image": blobs.take(pc.index_in(ok.column("neg_uri"), value_set=keys))}
+        table = pa.table(cols).cast(PACKED_SCHEMA)
     else:
-        table = pa.table({"prompt": [d["prompt"][i] for i in ok], "pos_id": [d["pos_id"][i] for i in ok],
-                          "neg_id": [d["neg_id"][i] for i in ok], "pos_path": [d["pos_uri"][i] for i in ok],
-                          "neg_path": [d["neg_uri"][i] for i in ok]}, schema=PATHS_SCHEMA)
+        table = pa.table(cols | {"pos_path": ok.column("pos_uri"), "neg_path": ok.column("neg_uri")}).cast(PATHS_SCHEMA)
     path = storage.join(out, split, shard_name(split, shard))
     if table.num_rows:
         storage.write_parquet(table, path, endpoint, row_group_size=256)
@@ -451,8 +487,31 @@ def _pack_shard(t: pa.Table, out: str, cfg_d: dict) -> pa.Table:
              "dropped_pairs": t.num_rows - table.num_rows, "images": len(uris) if cfg_d["pack"] else 0,
              "bad_images": dict(sorted(bad.items())), "file": path if table.num_rows else None,
              "bytes": int(table.nbytes)}
-    storage.write_text(marker, json.dumps(stats), endpoint)  # written last: marks the shard done
-    return pa.table({"stats": [json.dumps(stats)]})
+    storage.write_text(shard_marker(out, split, shard), json.dumps(stats), endpoint)  # last: marks the shard done
+    return stats
+
+
+def _pack_task(images_of: pa.Table, shards: list[tuple[str, int, int, int]], pos: np.ndarray, neg: np.ndarray,
+               rank: np.ndarray, out: str, cfg_d: dict) -> list[dict]:
+    """A Ray task packing a few shards in turn: (split, shard, start, end) rows of the pairs (``pos``, ``neg``:
+    row numbers in ``images_of``: prompt, image_id, image_uri), in rank order; finished shards are skipped."""
+    stats = []
+    uri = pc.fill_null(images_of.column("image_uri"), "")  # a null URI: a bad image, named ''
+    for split, shard, a, b in shards:
+        marker = shard_marker(out, split, shard)
+        if storage.exists(marker, cfg_d["s3_endpoint"]):  # finished by an earlier run
+            stats.append({**json.loads(storage.read_bytes(marker, cfg_d["s3_endpoint"])), "resumed": True})
+            continue
+        o = a + np.argsort(rank[a:b], kind="stable")
+        p, n = pa.array(pos[o]), pa.array(neg[o])
+        t = pa.table({"prompt": images_of.column("prompt").take(p), "pos_id": images_of.column("image_id").take(p),
+                      "neg_id": images_of.column("image_id").take(n), "pos_uri": uri.take(p), "neg_uri": uri.take(n)})
+        stats.append(pack_shard(t, split, shard, out, cfg_d))
+    return stats
+
+
+def _rank_task(seed: int, pos_ids: pa.Array, neg_ids: pa.Array) -> np.ndarray:
+    return pair_ranks(seed, pos_ids.to_pylist(), neg_ids.to_pylist())
 
 
 # ---------------------------------------------------------------- driver
@@ -499,33 +558,60 @@ def _inputs(cfg: CurateConfig) -> tuple[str, str, list[parquet.ParquetFile], boo
     return log_uri, out, files, has_nsfw
 
 
-def _pass1_all(ds, cfg: CurateConfig, common: dict, log_uri: str) -> dict[str, Any]:
-    """Pass 1 over the log: counts, histograms, per-prompt aggregates merged on the driver."""
-    p: dict[str, Any] = {"rows": 0, "nsfw_removed": 0, "bad_prompts": 0,
-                         "views_hist": np.zeros(len(VIEW_BINS) - 1, np.int64)}
-    p["zero_hist"] = np.zeros_like(p["views_hist"])
-    remix_parts, agg = [], []
-    for b in ds.map_batches(_pass1, fn_kwargs=common, batch_format="pyarrow",
-                            batch_size=cfg.batch_rows).iter_batches(batch_format="pyarrow", batch_size=None):
-        for r in b.to_pylist():
-            for k in ("rows", "nsfw_removed", "bad_prompts"):
-                p[k] += r[k]
-            remix_parts.append((np.asarray(r["remix_values"], np.int64), np.asarray(r["remix_counts"], np.int64)))
-            p["views_hist"] += np.asarray(r["views_hist"], np.int64)
-            p["zero_hist"] += np.asarray(r["zero_remix_views_hist"], np.int64)
-            agg.append((np.asarray(r["ph"], np.uint64), np.asarray(r["n_images"], np.int64),
-                        np.asarray(r["max_remix"], np.int64), np.asarray(r["any_influencer"], bool)))
+def _flat(t: pa.Table, col: str, dtype) -> np.ndarray:
+    """A list column of the per-batch results, all batches' lists end to end."""
+    return pc.list_flatten(t.column(col)).to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def _stream_task(src: parquet.RowGroupSource, units: list, batch_rows: int, fn, kw: dict) -> pa.Table:
+    """A Ray task: ``fn`` over the row groups ``units`` of the log, in batches of at most ``batch_rows`` rows."""
+    fs, _ = storage.resolve(src.uri, src.endpoint)
+    out = [fn(t.slice(a, batch_rows), **kw) for i, g, _ in units for t in src.read_unit(fs, i, g)
+           for a in range(0, t.num_rows, batch_rows)]
+    return pa.concat_tables(out, promote_options="permissive") if out else None
+
+
+def _stream(files: list[parquet.ParquetFile], columns: list[str], cfg: CurateConfig, fn, kw: dict) -> pa.Table | None:
+    """One streaming pass: ``fn(batch, **kw)`` over every batch of the log in plain Ray tasks (a few per CPU,
+    consecutive row groups each), the results concatenated on the driver (None: no rows)."""
+    import ray
+
+    src = parquet.RowGroupSource(files, columns, "platform log", cfg.s3_endpoint, on_error="raise")
+    units = src.units()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(cfg.batch_rows, math.ceil(sum(n for *_, n in units) / (4 * cpus)))
+    groups, rows = [[]], 0
+    for u in units:
+        if rows >= per_task:
+            groups, rows = groups + [[]], 0
+        groups[-1].append(u)
+        rows += u[2]
+    task, src_ref = ray.remote(num_cpus=1)(_stream_task), ray.put(src)
+    parts = [t for t in ray.get([task.remote(src_ref, g, cfg.batch_rows, fn, kw) for g in groups if g]) if t]
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def _scan_all(files, cols: list[str], cfg: CurateConfig, common: dict, log_uri: str) -> dict[str, Any]:
+    """Pass 1 over the log: counts, histograms and per-prompt aggregates merged on the driver (a few numbers per
+    distinct prompt), plus the prompt hash and views before first remix of every remixed row (two ints a row)."""
+    t = _stream(files, [c for c in cols if c not in ("image_id", "image_uri")], cfg, _scan, common)
+    p: dict[str, Any] = {k: int(pc.sum(t.column(k)).as_py() or 0) if t else 0
+                         for k in ("rows", "nsfw_removed", "bad_prompts")}
     if p["rows"] == 0:
         raise DataError(f"platform log {storage.redact(log_uri)!r} has no rows")
-    p["remix_v"], p["remix_c"] = _merge_counts(remix_parts)
-    ph_all = np.concatenate([a[0] for a in agg]).astype(np.uint64)
-    uph, inv = np.unique(ph_all, return_inverse=True)
+    nb = len(VIEW_BINS) - 1
+    p["views_hist"] = _flat(t, "views_hist", np.int64).reshape(-1, nb).sum(0)
+    p["zero_hist"] = _flat(t, "zero_remix_views_hist", np.int64).reshape(-1, nb).sum(0)
+    rv, inv = np.unique(_flat(t, "remix_values", np.int64), return_inverse=True)
+    p["remix_v"], p["remix_c"] = rv, np.bincount(inv, weights=_flat(t, "remix_counts", np.int64),
+                                                 minlength=len(rv)).astype(np.int64)
+    uph, inv = np.unique(_flat(t, "ph", np.uint64), return_inverse=True)
     p["uph"] = uph
-    p["n_images"] = np.bincount(inv, weights=np.concatenate([a[1] for a in agg]), minlength=len(uph)).astype(np.int64)
+    p["n_images"] = np.bincount(inv, weights=_flat(t, "n_images", np.int64), minlength=len(uph)).astype(np.int64)
     p["max_remix"] = np.full(len(uph), -1, np.int64)
-    np.maximum.at(p["max_remix"], inv, np.concatenate([a[2] for a in agg]).astype(np.int64))
-    p["any_infl"] = np.bincount(inv, weights=np.concatenate([a[3] for a in agg]).astype(np.float64),
-                                minlength=len(uph)) > 0
+    np.maximum.at(p["max_remix"], inv, _flat(t, "max_remix", np.int64))
+    p["any_infl"] = np.bincount(inv, weights=_flat(t, "any_influencer", np.float64), minlength=len(uph)) > 0
+    p["remixed_ph"], p["remixed_vbfr"] = _flat(t, "remixed_ph", np.uint64), _flat(t, "remixed_vbfr", np.int64)
     p["kept_rows"] = p["rows"] - p["nsfw_removed"] - p["bad_prompts"]
     return p
 
@@ -539,59 +625,106 @@ def _positives(p: dict[str, Any], cfg: CurateConfig) -> None:
     p["pos_keys"] = p["uph"][(p["max_remix"] >= p["cutoff"]) | p["any_infl"]]
 
 
-def _threshold_pass(ds, cfg: CurateConfig, common: dict, keys_ref, p: dict[str, Any]) -> None:
-    """Pass 2: the view threshold (exact quantile from value counts), added to ``p``."""
-    v_parts, p["vbfr_hist"] = [], np.zeros_like(p["views_hist"])
-    for b in ds.map_batches(_pass2, fn_kwargs={**common, "pos_keys": keys_ref}, batch_format="pyarrow",
-                            batch_size=cfg.batch_rows).iter_batches(batch_format="pyarrow", batch_size=None):
-        for r in b.to_pylist():
-            v_parts.append((np.asarray(r["values"], np.int64), np.asarray(r["counts"], np.int64)))
-            p["vbfr_hist"] += np.asarray(r["hist"], np.int64)
-    vv, vc = _merge_counts(v_parts)
+def _threshold(p: dict[str, Any], cfg: CurateConfig) -> None:
+    """The view threshold: the exact quantile of views before first remix over the remixed rows of prompts with
+    a positive, from pass 1's (prompt hash, value) pairs (added to ``p``)."""
+    v = p.pop("remixed_vbfr")[_member(p.pop("remixed_ph"), p["pos_keys"])]
+    vv, vc = np.unique(v, return_counts=True)
     p["threshold"] = linear_quantile(vv, vc, cfg.threshold_quantile)
-    p["remixed_images"] = int(vc.sum())
+    p["remixed_images"] = int(len(v))
+    p["vbfr_hist"] = np.histogram(v, VIEW_BINS)[0]
 
 
-SUMMARY_COLS = ("ph", "split", "n_pos", "n_neg", "n_content", "n_creator", "n_both", "n_duplicates",
-                "pairs_before_cap", "n_pairs", "n_used_images")
+def _collect_candidates(files, cols: list[str], cfg: CurateConfig, common: dict, p: dict[str, Any]) -> pa.Table:
+    """Pass 2 over the log: the positives and negatives of positive prompts (CANDIDATE_SCHEMA), to the driver."""
+    if not len(p["pos_keys"]):
+        return CANDIDATE_SCHEMA.empty_table()
+    import ray
+
+    kw = {**common, "pos_keys": ray.put(p["pos_keys"]), "cutoff": p["cutoff"], "threshold": p["threshold"]}
+    t = _stream(files, [c for c in cols if c != "views_before_first_remix"], cfg, _candidates, kw)
+    return (t.cast(CANDIDATE_SCHEMA) if t else CANDIDATE_SCHEMA.empty_table()).combine_chunks()
 
 
-def _pairs_pass(ds, cfg: CurateConfig, common: dict, keys_ref, p: dict[str, Any]):
-    """Pass 3: candidates grouped by prompt -> per-prompt pairs (materialized) and per-prompt numbers."""
-    per_prompt = (ds.map_batches(_pass3, fn_kwargs={**common, "pos_keys": keys_ref, "cutoff": p["cutoff"],
-                                                    "threshold": p["threshold"]},
-                                 batch_format="pyarrow", batch_size=cfg.batch_rows)
-                  .groupby("ph", num_partitions=max(2, min(200, len(p["pos_keys"]) // 5000)))
-                  .map_groups(_prompt_groups, batch_format="pyarrow",
-                              fn_kwargs={"seed": cfg.seed, "cap": cfg.max_pairs_per_prompt,
-                                         "ratios": list(cfg.split_ratios)})
-                  .materialize())
-    summ = {k: [] for k in SUMMARY_COLS}
-    for b in per_prompt.select_columns(list(summ)).iter_batches(batch_format="pyarrow", batch_size=None):
-        for k in summ:
-            summ[k].append(b.column(k).to_numpy(zero_copy_only=False))
-    summ = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in summ.items()}
-    idx = np.searchsorted(p["uph"], summ["ph"].astype(np.uint64))
-    n_img = p["n_images"][idx] if len(idx) else np.zeros(0, np.int64)
+RANK_CHUNK = 250_000  # pairs per ranking task (fewer pairs are ranked on the driver)
+
+
+def _ranks(ids: pa.Array, pos: np.ndarray, neg: np.ndarray, seed: int) -> np.ndarray:
+    """:func:`pair_ranks` of the pairs (rows of ``ids``), in Ray tasks when there are many."""
+    if len(pos) <= RANK_CHUNK:
+        return pair_ranks(seed, ids.take(pos).to_pylist(), ids.take(neg).to_pylist())
+    import ray
+
+    task = ray.remote(num_cpus=1)(_rank_task)
+    refs = [task.remote(seed, ids.take(pos[a:a + RANK_CHUNK]), ids.take(neg[a:a + RANK_CHUNK]))
+            for a in range(0, len(pos), RANK_CHUNK)]
+    return np.concatenate(ray.get(refs))
+
+
+def _column(t: pa.Table, col: str, dtype=None) -> np.ndarray:
+    x = t.column(col).to_numpy(zero_copy_only=False) if t.num_rows else np.zeros(0, dtype or np.int64)
+    return x.astype(dtype) if dtype else x
+
+
+def _prompt_rules(cand: pa.Table, cfg: CurateConfig, p: dict[str, Any]) -> tuple[dict, dict]:
+    """Rules 4-6 over all candidates at once: per-prompt numbers (``summ``, one entry per positive prompt) and
+    the selected pairs (``pairs``: rows of ``cand``, rank, split), with array operations, no loop over rows."""
+    rows, g, dups = dedup_candidates(cand)
+    n_groups = len(dups)
+    is_pos, content, creator = (_column(cand, c, bool)[rows] for c in ("is_pos", "content", "creator"))
+
+    def per_group(x):
+        return np.bincount(g, weights=x, minlength=n_groups).astype(np.int64)
+
+    starts = rows[np.flatnonzero(np.r_[True, g[1:] != g[:-1]])] if len(g) else np.zeros(0, np.int64)
+    summ = {"ph": _column(cand, "ph", np.uint64)[starts], "n_pos": per_group(is_pos), "n_neg": per_group(~is_pos),
+            "n_content": per_group(content & ~creator), "n_creator": per_group(creator & ~content),
+            "n_both": per_group(content & creator), "n_duplicates": dups}
+    summ["pairs_before_cap"] = summ["n_pos"] * summ["n_neg"]
+    pos_r, neg_r, pg = cross_pairs(g, is_pos, summ["n_neg"])
+    pos, neg = rows[pos_r], rows[neg_r]
+    rank = _ranks(cand.column("image_id").combine_chunks(), pos, neg, cfg.seed)
+    sel = lowest_per_group(pg, rank, cfg.max_pairs_per_prompt)
+    pos, neg, pg, rank = pos[sel], neg[sel], pg[sel], rank[sel]
+    summ["n_pairs"] = np.bincount(pg, minlength=n_groups).astype(np.int64)
+    used = np.zeros(cand.num_rows, bool)
+    used[pos], used[neg] = True, True
+    group_of = np.zeros(cand.num_rows, np.int64)
+    group_of[rows] = g
+    used = np.flatnonzero(used)  # a row in a pair is in its prompt's group: count distinct URIs of those rows
+    summ["n_used_images"] = distinct_per_group(group_of[used], _column(cand, "uh", np.uint64)[used], n_groups)
     summ["kept"] = summ["n_neg"] > 0
+    n_img = p["n_images"][np.searchsorted(p["uph"], summ["ph"])] if n_groups else np.zeros(0, np.int64)
     summ["all_pos"] = (summ["n_neg"] == 0) & (summ["n_pos"] == n_img)
     summ["no_neg"] = (summ["n_neg"] == 0) & ~summ["all_pos"]
-    return per_prompt, summ
+    kept = np.flatnonzero(summ["kept"])
+    summ["split"] = np.full(n_groups, "", dtype=object)
+    summ["split"][kept] = [split_of(normalize_prompt(x), cfg.split_ratios)
+                           for x in cand.column("prompt").take(pa.array(starts[kept])).to_pylist()]
+    group_split = np.full(n_groups, -1, np.int64)
+    group_split[kept] = [SPLITS.index(x) for x in summ["split"][kept]]
+    return summ, {"pos": pos, "neg": neg, "rank": rank, "split": group_split[pg]}
 
 
-def _pack_pass(per_prompt, cfg: CurateConfig, out: str, pairs_per_split: dict[str, int]) -> list[dict]:
-    """Pass 4: pack and write shards in parallel (finished ones are skipped); returns every shard's stats."""
-    n_shards = {s: max(1, math.ceil(n / cfg.rows_per_shard)) for s, n in pairs_per_split.items()}
+def _pack_pass(cand: pa.Table, pairs: dict, cfg: CurateConfig, out: str) -> list[dict]:
+    """Pack and write shards in plain Ray tasks, a few shards each (finished ones are skipped); every shard's
+    stats."""
+    order, shards = shard_plan(pairs["split"], pairs["rank"], cfg.rows_per_shard)
+    if not shards:
+        return []
+    import ray
+
+    pos, neg, rank = pairs["pos"][order], pairs["neg"][order], pairs["rank"][order]
     cfg_d = {**to_dict(cfg), "s3_endpoint": cfg.s3_endpoint}
-    shard_stats: list[dict] = []
-    if sum(pairs_per_split.values()):
-        pairs = per_prompt.map_batches(_explode, fn_kwargs={"n_shards": n_shards}, batch_format="pyarrow")
-        parts = max(1, min(200, sum(n_shards.values())))
-        for b in (pairs.groupby("shard_key", num_partitions=parts)
-                  .map_groups(_pack_shard, fn_kwargs={"out": out, "cfg_d": cfg_d}, batch_format="pyarrow")
-                  .iter_batches(batch_format="pyarrow", batch_size=None)):
-            shard_stats += [json.loads(x) for x in b.column("stats").to_pylist()]
-    return shard_stats
+    images_ref = ray.put(cand.select(["prompt", "image_id", "image_uri"]))
+    task = ray.remote(num_cpus=1)(_pack_task)
+    n_tasks = max(1, min(len(shards), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    refs = []
+    for group in np.array_split(np.arange(len(shards)), n_tasks):
+        a, b = shards[group[0]][2], shards[group[-1]][3]
+        mine = [(sp, sh, s - a, e - a) for sp, sh, s, e in shards[group[0]:group[-1] + 1]]
+        refs.append(task.remote(images_ref, mine, pos[a:b], neg[a:b], rank[a:b], out, cfg_d))
+    return [st for r in ray.get(refs) for st in r]
 
 
 def _counts(p: dict[str, Any], summ: dict, pairs_per_split: dict, shard_stats: list[dict], bad: dict) -> dict:
@@ -635,13 +768,11 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
 
 
 def _curate(cfg: CurateConfig) -> dict[str, Any]:
-    import ray
-
     wall0 = time.perf_counter()
     log_uri, out, files, has_nsfw = _inputs(cfg)
     init_ray(cfg.ray_address)
-    require_shared_storage(log_uri, "log", "Ray Data's tasks read it")
-    require_shared_storage(out, "out", "Ray Data's tasks write the shards")
+    require_shared_storage(log_uri, "log", "Ray tasks read it")
+    require_shared_storage(out, "out", "Ray tasks write the shards")
     identity.claim(out, IDENTITY_FILE, curation_identity(cfg, files), f"out={storage.redact(out)}",
                    "overwrite=true", cfg.overwrite, cfg.s3_endpoint)
     if cfg.nsfw_classifier:
@@ -649,29 +780,27 @@ def _curate(cfg: CurateConfig) -> dict[str, Any]:
         files, has_nsfw = _score_nsfw(cfg, files, out), True
         _progress("nsfw classifier", t)
     cols = [c for c in LOG_COLUMNS if c != "nsfw_score" or has_nsfw]
-    ds = parquet.read(files, cols, "platform log", cfg.s3_endpoint, on_error="raise").drop_columns(
-        [parquet.FILE_COL, parquet.ERROR_COL])
     common = {"nsfw_max": cfg.nsfw_max, "has_nsfw": has_nsfw, "max_prompt_chars": cfg.limits.max_prompt_chars}
 
     t = time.perf_counter()
-    p = _pass1_all(ds, cfg, common, log_uri)
+    p = _scan_all(files, cols, cfg, common, log_uri)
     _positives(p, cfg)
-    _progress("pass 1 (histograms, prompts)", t, rows=p["rows"], prompts=len(p["uph"]),
-              positive_prompts=len(p["pos_keys"]), remix_cutoff=p["cutoff"])
-    keys_ref = ray.put(p["pos_keys"])
+    _threshold(p, cfg)
+    _progress("pass 1 (histograms, prompts, view threshold)", t, rows=p["rows"], prompts=len(p["uph"]),
+              positive_prompts=len(p["pos_keys"]), remix_cutoff=p["cutoff"], threshold=p["threshold"])
     t = time.perf_counter()
-    _threshold_pass(ds, cfg, common, keys_ref, p)
-    _progress("pass 2 (view threshold)", t, threshold=p["threshold"], remixed_images=p["remixed_images"])
+    cand = _collect_candidates(files, cols, cfg, common, p)
+    _progress("pass 2 (positives, negatives)", t, candidates=cand.num_rows)
     t = time.perf_counter()
-    per_prompt, summ = _pairs_pass(ds, cfg, common, keys_ref, p)
+    summ, pairs = _prompt_rules(cand, cfg, p)
     pairs_per_split = {s: int(summ["n_pairs"][summ["kept"] & (summ["split"] == s)].sum()) for s in SPLITS}
-    _progress("pass 3 (positives, negatives, pairs)", t, kept_prompts=int(summ["kept"].sum()), pairs=pairs_per_split)
+    _progress("pairs, cap, splits", t, kept_prompts=int(summ["kept"].sum()), pairs=pairs_per_split)
     t = time.perf_counter()
-    shard_stats = _pack_pass(per_prompt, cfg, out, pairs_per_split)
+    shard_stats = _pack_pass(cand, pairs, cfg, out)
     bad = {u: r for st in shard_stats for u, r in st["bad_images"].items()}
     counts = _counts(p, summ, pairs_per_split, shard_stats, bad)
     written = counts["triplets"]
-    _progress("pass 4 (pack shards)", t, shards=len(shard_stats), rows=written, bad_images=len(bad),
+    _progress("pack shards", t, shards=len(shard_stats), rows=written, bad_images=len(bad),
               resumed_shards=sum(bool(st.get("resumed")) for st in shard_stats))
     wall = time.perf_counter() - wall0
     summary = {
