@@ -43,3 +43,26 @@ def test_finetune_variants_are_known():
     assert {"ddp", "zero2", "zero2+latents"} <= set(VARIANTS)
     with pytest.raises(ValueError, match="variants"):
         BenchFinetuneConfig(variants=["zero9"])
+
+
+@pytest.mark.extended
+def test_gpu_report_runs_tiny_on_cpu_with_every_section(ray_cluster, tmp_path):
+    """The one GPU command, at size=tiny on this CPU: every section measured, shares of a measured peak, the
+    Markdown report written (so the command is known to work before a GPU is there)."""
+    from jobs.benchmark_gpu import main
+
+    r = main(["size=tiny", f"out={tmp_path / 'gpu'}"])
+    assert r["size"] == "tiny" and r["peak_source"] == "measured fp32 matmul" and r["peak_tflops"] > 0
+    s = r["sections"]
+    assert not any("error" in x for x in s.values()), s
+    score = {x["name"]: x for x in s["score"]["rows"]}
+    assert {"authors' loop", "model alone (ceiling)", "sr-ray torch", "sr-ray deepspeed"} <= set(score)
+    train = {x["name"]: x for x in s["train"]["rows"]}
+    assert train["sr-ray + feature cache"]["gflops_per_triplet"] < train["sr-ray (freeze, Ray Data)"][
+        "gflops_per_triplet"] < train["authors' step (no-op freeze, DataLoader)"]["gflops_per_triplet"]
+    assert [x["name"] for x in s["finetune"]["rows"]] == ["ddp", "zero2", "zero2+latents"]
+    for x in [*s["score"]["rows"], *s["train"]["rows"], *s["finetune"]["rows"]]:
+        assert 0 < x["share_of_peak"] < 1, x
+    md = (tmp_path / "gpu" / "report.md").read_text()
+    assert all(h in md for h in ("## Scoring", "## Reward training", "## SD fine-tuning", "share of peak"))
+    assert "Failed" not in md

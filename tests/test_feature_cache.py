@@ -79,8 +79,8 @@ def test_cache_rows_through_the_head_score_like_the_whole_model_and_other_trunks
     cached = sorted(feature_cache.cached_dataset(data.feature_cache, "val", m, model, data).take_all(),
                     key=lambda r: r["row"])
     table = pq.read_table(infos["val"].files, columns=["prompt", "pos_image", "neg_image"])
-    pixels = TripletPreprocessor(to_dict(model), to_dict(data))({c: np.array(table.column(c).to_pylist(),
-                                                                              dtype=object) for c in table.column_names})
+    rows = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
+    pixels = TripletPreprocessor(to_dict(model), to_dict(data))(rows)
     assert [r["row"] for r in cached] == list(range(32)) and all(r["valid"] for r in cached)
 
     whole = RewardModel(feature_cache.build_model(model, 7)).eval()

@@ -148,6 +148,17 @@ def _cached_side(cfg: BenchTrainConfig, info, memory, device, autocast) -> dict:
             "cache_text_depth": cut.text_depth}
 
 
+def _ingest_rate(info, model_cfg: dict) -> tuple[float, float]:
+    """(images/s, cluster CPUs) of Ray Data ingest alone: decode + CLIP preprocessing."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    t0 = time.perf_counter()
+    rows = sum(len(b["valid"]) for b in triplet_dataset(info, model_cfg, DataConfig()).iter_batches(
+        batch_size=256, batch_format="numpy"))
+    return 2 * rows / (time.perf_counter() - t0), cpus
+
+
 def bench_train(cfg: BenchTrainConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           (cfg.device if cfg.device != "auto" else "cpu"))
@@ -209,15 +220,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
     del ours
     cached = _cached_side(cfg, info, memory, device, autocast) if cfg.feature_cache else {}
 
-    ingest = cpus = None
-    if memory is None:  # Ray Data ingest alone: decode + CLIP preprocessing
-        import ray
-
-        cpus = ray.cluster_resources().get("CPU", 1)
-        t0 = time.perf_counter()
-        rows = sum(len(b["valid"]) for b in triplet_dataset(info, model_cfg, DataConfig()).iter_batches(
-            batch_size=256, batch_format="numpy"))
-        ingest = 2 * rows / (time.perf_counter() - t0)
+    ingest, cpus = _ingest_rate(info, model_cfg) if memory is None else (None, None)
 
     return {
         "model": cfg.model.name, "device": str(device), "bf16": bf16, "batch_size": cfg.batch_size,
