@@ -66,3 +66,18 @@ def test_gpu_report_runs_tiny_on_cpu_with_every_section(ray_cluster, tmp_path):
     md = (tmp_path / "gpu" / "report.md").read_text()
     assert all(h in md for h in ("## Scoring", "## Reward training", "## SD fine-tuning", "share of peak"))
     assert "Failed" not in md
+
+
+def test_gpu_report_names_a_failed_section_and_keeps_the_others():
+    from sr_ray.bench.gpu import report_markdown
+
+    r = {"size": "full", "device": "NVIDIA H100", "peak_tflops": 989.0, "peak_source": "H100 dense bf16 spec",
+         "date": "d", "wall_s": 60.0, "sections": {
+             "score": {"error": "RuntimeError: CUDA out of memory"},
+             "finetune": {"model": "sd21-base-random", "resolution": 512, "batch_size": 4,
+                          "gflops_per_sample_unet": 2270.0,
+                          "rows": [{"name": "ddp", "samples_per_s": 10.0, "peak_gpu_mem_gb": 40.5,
+                                    "share_of_peak": 10.0 * 2270e9 / 989e12}]}}}
+    md = report_markdown(r)
+    assert "## Scoring\n\nFailed: `RuntimeError: CUDA out of memory`" in md and "## Reward training" not in md
+    assert "| ddp | 10.00 | 40.50 | 2.3% |" in md

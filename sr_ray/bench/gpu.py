@@ -226,38 +226,44 @@ def _table(rows: list[dict], cols: list[tuple[str, str, bool]]) -> list[str]:
     return out
 
 
+def _intro(name: str, x: dict) -> str:
+    """The sentence above a section's table (what was measured, on what)."""
+    if name == "score":
+        b = x["bytes_per_image"]
+        return (f"{x['model']}, {x['images']} images, {x['gflops_per_image']} GFLOPs per image; one scorer actor per "
+                f"device (GPU, or the CPU); steady rates (after the model is loaded). Object store per image: "
+                f"{b['uint8']:,} B (uint8) instead of {b['float32']:,} B (float32).")
+    if name == "train":
+        return (f"{x['model']}, last {x['unfrozen'][0]} vision / {x['unfrozen'][1]} text blocks trained, batch "
+                f"{x['batch_size']}, {x['steps']} timed steps. The feature cache's one-off build: "
+                f"{_fmt(x['cache_build_triplets_per_s'])} triplets/s.")
+    return (f"{x['model']} at {x['resolution']} px, batch {x['batch_size']} on one worker; "
+            f"{x['gflops_per_sample_unet']} GFLOPs per sample in the U-Net (forward and backward).")
+
+
+REPORT = {  # section -> (title, table columns: header, key, as a percentage)
+    "score": ("Scoring", [("", "name", False), ("images/s per device", "images_per_s", False),
+                          ("share of peak", "share_of_peak", True), ("1M images, 1 GPU (h)", "hours_1m_1gpu", False),
+                          ("1M images, 8 GPUs (h)", "hours_1m_8gpu", False)]),
+    "train": ("Reward training", [("", "name", False), ("triplets/s per device", "triplets_per_s", False),
+                                  ("data wait", "data_wait", True), ("GFLOPs per triplet", "gflops_per_triplet", False),
+                                  ("share of peak", "share_of_peak", True)]),
+    "finetune": ("SD fine-tuning", [("variant", "name", False), ("samples/s", "samples_per_s", False),
+                                    ("peak GiB", "peak_gpu_mem_gb", False), ("share of peak", "share_of_peak", True)]),
+}
+
+
 def report_markdown(r: dict) -> str:
     lines = [f"# sr-ray GPU report ({r['size']})", "",
              f"{r['device']}; peak {r['peak_tflops']} TFLOP/s ({r['peak_source']}); {r['date']}; "
              f"{r['wall_s']:.0f} s in all. Shares of peak: the FLOPs counted by torch.utils.flop_counter on the very "
              f"model times the rate, over the peak.", ""]
-    s = r["sections"]
-    if "score" in s:
-        x = s["score"]
-        lines += ["## Scoring", ""] + ([f"Failed: `{x['error']}`", ""] if "error" in x else [
-            f"{x['model']}, {x['images']} images, {x['gflops_per_image']} GFLOPs per image; one scorer actor "
-            f"per device (GPU, or the CPU); "
-            f"steady rates (after the model is loaded). Object store per image: {x['bytes_per_image']['uint8']:,} B "
-            f"(uint8) instead of {x['bytes_per_image']['float32']:,} B (float32).", ""] + _table(x["rows"], [
-                ("", "name", False), ("images/s per device", "images_per_s", False),
-                ("share of peak", "share_of_peak", True), ("1M images, 1 GPU (h)", "hours_1m_1gpu", False),
-                ("1M images, 8 GPUs (h)", "hours_1m_8gpu", False)]) + [""])
-    if "train" in s:
-        x = s["train"]
-        lines += ["## Reward training", ""] + ([f"Failed: `{x['error']}`", ""] if "error" in x else [
-            f"{x['model']}, last {x['unfrozen'][0]} vision / {x['unfrozen'][1]} text blocks trained, batch "
-            f"{x['batch_size']}, {x['steps']} timed steps. The feature cache's one-off build: "
-            f"{_fmt(x['cache_build_triplets_per_s'])} triplets/s.", ""] + _table(x["rows"], [
-                ("", "name", False), ("triplets/s per device", "triplets_per_s", False),
-                ("data wait", "data_wait", True), ("GFLOPs per triplet", "gflops_per_triplet", False),
-                ("share of peak", "share_of_peak", True)]) + [""])
-    if "finetune" in s:
-        x = s["finetune"]
-        lines += ["## SD fine-tuning", ""] + ([f"Failed: `{x['error']}`", ""] if "error" in x else [
-            f"{x['model']} at {x['resolution']} px, batch {x['batch_size']} on one worker; "
-            f"{x['gflops_per_sample_unet']} GFLOPs per sample in the U-Net (forward and backward).", ""] + _table(
-                x["rows"], [("variant", "name", False), ("samples/s", "samples_per_s", False),
-                            ("peak GiB", "peak_gpu_mem_gb", False), ("share of peak", "share_of_peak", True)]) + [""])
+    for name, (title, cols) in REPORT.items():
+        x = r["sections"].get(name)
+        if x is None:
+            continue
+        body = [f"Failed: `{x['error']}`"] if "error" in x else [_intro(name, x), ""] + _table(x["rows"], cols)
+        lines += [f"## {title}", "", *body, ""]
     return "\n".join(lines)
 
 
