@@ -119,3 +119,29 @@ def test_training_job_on_the_cache_learns_like_on_pixels(ray_cluster, tmp_path):
     assert plain["val_accuracy"] > 0.6  # learnable data: above chance
     assert abs(plain["val_accuracy"] - cached["val_accuracy"]) <= 0.06
     assert r["bytes_per_triplet"] == 2 * (2 * 17 * 64 + 16 * 64)  # sr-tiny: 17 tokens x 64 (x2 images), 16 x 64 text
+
+
+def test_cache_on_s3_is_built_whole_rebuilt_when_half_written_and_read_back(ray_cluster, tmp_path, demo_cache,
+                                                                             s3_bucket):
+    """A cache on S3 (moto): a split whose build died half-way (files, no _SUCCESS) is emptied and built again;
+    the rows read back are every triplet once."""
+    import dataclasses
+
+    import pyarrow.fs as pafs
+
+    from sr_ray.core import storage
+    from sr_ray.reward import feature_cache
+
+    data, infos = _splits(tmp_path, demo_cache)
+    uri = f"s3://{s3_bucket}/cache"
+    data = dataclasses.replace(data, feature_cache=uri)
+    model = ModelConfig(name="sr-tiny", pretrained=None, unfreeze_vision_blocks=1, unfreeze_text_blocks=-1)
+    storage.write_text(f"{uri}/val/stale-from-a-killed-build.parquet", "not parquet")
+    m = feature_cache.ensure(uri, {"val": infos["val"]}, model, 0, data)
+    assert m["plan"]["text_depth"] is None and m["built_s"] > 0  # the whole text tower trains: no text cached
+    fs, path = storage.resolve(f"{uri}/val")
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+    assert "_SUCCESS" in names and "stale-from-a-killed-build.parquet" not in names
+    rows = feature_cache.cached_dataset(uri, "val", m, model, data).take_all()
+    assert sorted(int(r["row"]) for r in rows) == list(range(32)) and "text" not in rows[0]
+    assert rows[0]["pos"].shape == (17, 64) and rows[0]["pos"].dtype.name == "int16"
