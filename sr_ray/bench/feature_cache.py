@@ -11,7 +11,6 @@ within noise).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from sr_ray.core.config import from_dict, to_dict
 from sr_ray.core.ray_utils import init_ray
 from sr_ray.demo.data import DemoConfig, ensure_demo_data
+from sr_ray.reward.export import wilson
 from sr_ray.reward.model import ModelConfig
 from sr_ray.reward.train import TrainRewardConfig, train_reward
 
@@ -40,14 +40,6 @@ class BenchFeatureCacheConfig:
     """CPUs of the local Ray cluster (default: all)."""
     cache_dir: str = "~/.cache/sr-ray/bench"
     work_dir: str = "/tmp/sr-ray-bench-feature-cache"
-
-
-def _wilson(p: float, n: int) -> tuple[float, float]:
-    z = 1.96
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return round(c - h, 3), round(c + h, 3)
 
 
 def _config(cfg: BenchFeatureCacheConfig, splits: dict, name: str, cache: str | None) -> TrainRewardConfig:
@@ -73,7 +65,8 @@ def bench_feature_cache(cfg: BenchFeatureCacheConfig) -> dict:
         rows = s["steps"] // cfg.epochs * cfg.batch_size
         runs[name] = {"wall_s": round(time.perf_counter() - t, 1), "triplets_per_s": round(s["triplets_per_s"], 2),
                       "epoch_s": round(rows / s["triplets_per_s"], 1), "val_accuracy": s["val_pairwise_accuracy"],
-                      "val_ci95": _wilson(s["val_pairwise_accuracy"], cfg.val), **s.get("feature_cache", {})}
+                      "val_ci95": tuple(round(x, 3) for x in wilson(s["val_pairwise_accuracy"], cfg.val)),
+                      **s.get("feature_cache", {})}
         print(f"[bench] {name}: {runs[name]}", flush=True)
     plain, cached = runs["pixels"], runs["feature-cache"]
     saved = plain["epoch_s"] - cached["epoch_s"]

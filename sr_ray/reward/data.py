@@ -85,6 +85,11 @@ class SplitInfo:
     parquet: list[parquet.ParquetFile] = field(default_factory=list, repr=False)
 
     @property
+    def columns(self) -> list[str]:
+        """The columns a reader takes from the split's files: the prompt and its form's two image columns."""
+        return ["prompt", *(PACKED if self.form == "packed" else PATHS)]
+
+    @property
     def files(self) -> list[str]:
         """The filesystem's own paths of the split's files."""
         return [f.path for f in self.parquet]
@@ -141,7 +146,7 @@ def _sample_rows(split: str, info: SplitInfo, cfg: DataConfig, cols: list[str]) 
 
 
 def _sample_check(split: str, info: SplitInfo, cfg: DataConfig) -> None:
-    cols = ["prompt", *(PACKED if info.form == "packed" else PATHS)]
+    cols = info.columns
     batch, uri = _sample_rows(split, info, cfg, cols)
     bad = []
     for i in range(len(batch["prompt"])):
@@ -326,7 +331,7 @@ def triplet_dataset(info: SplitInfo, model_cfg: dict, data_cfg: DataConfig, orde
     becomes bad rows named in the log, counted like undecodable images. ``ordered``: the same rows in the same
     blocks on any cluster (:func:`sr_ray.core.parquet.read`), for a training run that must resume exactly.
     """
-    cols = ["prompt", *(PACKED if info.form == "packed" else PATHS)]
+    cols = info.columns
     ds = parquet.read(info.parquet, cols, f"data split {storage.redact(info.uri)}", data_cfg.s3_endpoint,
                       ordered=ordered, num_cpus=data_cfg.map_num_cpus)
     return ds.map_batches(

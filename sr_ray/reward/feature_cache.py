@@ -60,14 +60,16 @@ class CachePlan:
     text_shape: tuple[int, int] | None
 
 
-def plan(model: ModelConfig, max_vision_k: int | None = None, max_text_k: int | None = None) -> CachePlan:
-    """The cut for training ``model`` (or, for a sweep, for the most blocks any trial trains)."""
+def plan(model: ModelConfig, max_vision_k: int | None = None, max_text_k: int | None = None,
+         clip: torch.nn.Module | None = None) -> CachePlan:
+    """The cut for training ``model`` (or, for a sweep, for the most blocks any trial trains); ``clip``: the model
+    when it is built already (else its architecture is built, without weights)."""
     kv = model.unfreeze_vision_blocks if max_vision_k is None else max_vision_k
     kt = model.unfreeze_text_blocks if max_text_k is None else max_text_k
     if kv == -1:
         raise ConfigError("data.feature_cache needs a frozen part of the image tower: model.unfreeze_vision_blocks "
                           "is -1 (the whole tower trains), so there is nothing to cache")
-    clip = build_clip(model, load_weights=False)
+    clip = clip if clip is not None else build_clip(model, load_weights=False)
     nv, nt = features.vision_blocks(clip), features.text_blocks(clip)
     if kv > nv or kt > nt:
         raise ConfigError(f"data.feature_cache: {kv} vision / {kt} text blocks to train, but {model.name} has "
@@ -110,10 +112,13 @@ def build_model(model: ModelConfig, seed: int) -> torch.nn.Module:
     return build_clip(model)
 
 
-def identity(model: ModelConfig, seed: int, p: CachePlan, infos: dict[str, SplitInfo]) -> dict[str, Any]:
-    """What a cache is: architecture, trunk weights, preprocessing, cut, dtype and data."""
+def identity(model: ModelConfig, seed: int, p: CachePlan, infos: dict[str, SplitInfo],
+             clip: torch.nn.Module | None = None) -> dict[str, Any]:
+    """What a cache is: architecture, trunk weights, preprocessing, cut, dtype and data (``clip``: the model as
+    :func:`build_model` builds it, when built already)."""
+    clip = clip if clip is not None else build_model(model, seed)
     return json.loads(json.dumps({  # as it reads back from the manifest (lists, not tuples)
-        "model": model.name, "trunk_sha256": trunk_hash(build_model(model, seed), p),
+        "model": model.name, "trunk_sha256": trunk_hash(clip, p),
         "preprocess": preprocess_cfg(model), "plan": asdict(p), "dtype": DTYPE,
         "splits": identity_splits(infos)}))
 
@@ -199,10 +204,8 @@ def _build_split(uri: str, split: str, info: SplitInfo, model: ModelConfig, seed
     import ray.data
 
     model_d = to_dict(model)
-    ds = parquet.read(info.parquet, ["prompt", *(("pos_image", "neg_image") if info.form == "packed"
-                                                 else ("pos_path", "neg_path"))],
-                      f"data split {storage.redact(info.uri)}", data_cfg.s3_endpoint, ordered=True,
-                      row_index=True, num_cpus=data_cfg.map_num_cpus)
+    ds = parquet.read(info.parquet, info.columns, f"data split {storage.redact(info.uri)}", data_cfg.s3_endpoint,
+                      ordered=True, row_index=True, num_cpus=data_cfg.map_num_cpus)
     ds = ds.map_batches(_WithPrompt(model_d, to_dict(data_cfg)), batch_size=data_cfg.map_batch_size,
                         num_cpus=data_cfg.map_num_cpus)
     ds = ds.map_batches(TrunkEncoder, fn_constructor_kwargs={"model_cfg": model_d, "seed": seed, "plan_d": asdict(p)},
@@ -221,16 +224,17 @@ def ensure(uri: str, infos: dict[str, SplitInfo], model: ModelConfig, seed: int,
            max_text_k: int | None = None) -> dict[str, Any]:
     """The cache at ``uri`` for these splits and this model, built where missing (a split at a time) and checked
     where present; returns its manifest with ``built_s`` (seconds spent building now, 0 when all was there)."""
-    need = plan(model)
+    clip = build_model(model, seed)  # once: the cut, the trunk's hash
+    need = plan(model, clip=clip)
     path = storage.join(uri, MANIFEST)
     if storage.exists(path, data_cfg.s3_endpoint):
         found = json.loads(storage.read_bytes(path, data_cfg.s3_endpoint))
         build_plan = _plan_of(found["plan"])
-        check_serves(found, identity(model, seed, build_plan, infos), need, uri)
+        check_serves(found, identity(model, seed, build_plan, infos, clip), need, uri)
         manifest = {**found, "splits": {**found["splits"], **identity_splits(infos)}}
     else:
-        build_plan = plan(model, max_vision_k, max_text_k)
-        manifest = identity(model, seed, build_plan, infos)
+        build_plan = plan(model, max_vision_k, max_text_k, clip)
+        manifest = identity(model, seed, build_plan, infos, clip)
     storage.write_text(path, json.dumps(manifest, indent=1), data_cfg.s3_endpoint)
     t0 = time.perf_counter()
     for split, info in sorted(infos.items()):
