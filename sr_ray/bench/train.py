@@ -23,7 +23,7 @@ import torch
 
 from sr_ray.core.config import to_dict
 from sr_ray.demo.data import DemoConfig, ensure_demo_data
-from sr_ray.reward import feature_cache, features
+from sr_ray.reward import feature_cache
 from sr_ray.reward.data import DataConfig, TripletPreprocessor, split_info, triplet_dataset
 from sr_ray.reward.features import HeadRewardModel
 from sr_ray.reward.losses import LossConfig
@@ -105,18 +105,13 @@ def _timed_steps(model, batches, cfg: BenchTrainConfig, params, device, autocast
 def _trunk_batches(memory: list[dict], model: HeadRewardModel, device, autocast) -> tuple[list[dict], float]:
     """The feature cache in memory: every batch's pixels (and tokens) through the frozen trunk once, kept as bf16
     bits as the cache stores them. Returns (cached batches, seconds it took)."""
-    p = model.image_depth, model.text_depth
     t0 = time.perf_counter()
     out = []
-    with torch.no_grad(), autocast():
+    with autocast():
         for b in memory:
-            c = {k: b[k] for k in ("tokens", "prompt_id", "valid")}
-            for col in ("pos", "neg"):
-                c[col] = features.image_trunk(model.clip, b[col].to(device), p[0]).to(torch.bfloat16).view(torch.int16)
-            if p[1] is not None:
-                c["text"] = features.text_trunk(model.clip, b["tokens"].to(device), p[1]).to(torch.bfloat16).view(
-                    torch.int16)
-            out.append(c)
+            out.append({**{k: b[k] for k in ("tokens", "prompt_id", "valid")},
+                        **feature_cache.trunk_states(model.clip, model.image_depth, model.text_depth,
+                                                     *(b[k].to(device) for k in ("pos", "neg", "tokens")))})
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0

@@ -153,6 +153,18 @@ def _plan_of(d: dict[str, Any]) -> CachePlan:
     return CachePlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+@torch.no_grad()
+def trunk_states(clip: torch.nn.Module, image_depth: int, text_depth: int | None, pos: torch.Tensor,
+                 neg: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The trunk's output for a batch as the cache stores it: ``pos``/``neg`` (and ``text`` when the text trunk is
+    cut) as bf16 bits in int16 tensors, on the inputs' device."""
+    out = {col: features.image_trunk(clip, x, image_depth).to(torch.bfloat16).view(torch.int16)
+           for col, x in (("pos", pos), ("neg", neg))}
+    if text_depth is not None:
+        out["text"] = features.text_trunk(clip, tokens, text_depth).to(torch.bfloat16).view(torch.int16)
+    return out
+
+
 class TrunkEncoder:
     """Actor: preprocessed triplet batches -> the trunk's output as bf16 bytes (``map_batches`` callable class)."""
 
@@ -161,23 +173,20 @@ class TrunkEncoder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.clip = build_model(ModelConfig(**model_cfg), seed).eval().to(self.device)
 
-    def _bytes(self, x: torch.Tensor) -> np.ndarray:
-        bits = x.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy()
-        out = np.empty(len(bits), dtype=object)
-        out[:] = [row.tobytes() for row in bits]
+    @staticmethod
+    def _bytes(bits: torch.Tensor) -> np.ndarray:
+        rows = bits.contiguous().cpu().numpy()
+        out = np.empty(len(rows), dtype=object)
+        out[:] = [row.tobytes() for row in rows]
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         p, dev = self.plan, self.device
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = {k: batch[k] for k in ("row", "prompt", "prompt_id", "valid")}
-            for col in ("pos", "neg"):
-                out[col] = self._bytes(features.image_trunk(self.clip, torch.as_tensor(batch[col]).to(dev),
-                                                            p.image_depth))
-            if p.text_depth is not None:
-                ids = torch.as_tensor(batch["tokens"]).to(dev)
-                out["text"] = self._bytes(features.text_trunk(self.clip, ids, p.text_depth))
-        return out
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            states = trunk_states(self.clip, p.image_depth, p.text_depth, *(torch.as_tensor(batch[k]).to(dev)
+                                                                            for k in ("pos", "neg", "tokens")))
+        return {**{k: batch[k] for k in ("row", "prompt", "prompt_id", "valid")},
+                **{k: self._bytes(v) for k, v in states.items()}}
 
 
 class _WithPrompt:
