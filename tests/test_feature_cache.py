@@ -1,5 +1,7 @@
 """Frozen-trunk feature cache: the split model computes the same function; the cache serves training."""
 
+import math
+
 import pytest
 import torch
 
@@ -116,8 +118,11 @@ def test_training_job_on_the_cache_learns_like_on_pixels(ray_cluster, tmp_path):
               f"work_dir={tmp_path / 'w'}", f"cache_dir={tmp_path / 'demo'}"])
     plain, cached = r["runs"]["pixels"], r["runs"]["feature-cache"]
     assert cached["built_s"] > 0 and cached["image_depth"] == 1 and cached["text_depth"] == 1
-    assert plain["val_accuracy"] > 0.6  # learnable data: above chance
-    assert abs(plain["val_accuracy"] - cached["val_accuracy"]) <= 0.06
+    assert plain["val_accuracy"] > 0.6 and cached["val_accuracy"] > 0.6  # learnable data: both above chance
+    # bf16 features move the trajectory a little: the two accuracies agree within the 95% interval of a
+    # difference of two proportions on 160 triplets (about +-0.10 here; a cache that breaks learning sits near 0.5)
+    p, q = plain["val_accuracy"], cached["val_accuracy"]
+    assert abs(p - q) <= 1.96 * math.sqrt((p * (1 - p) + q * (1 - q)) / 160), (p, q)
     assert r["bytes_per_triplet"] == 2 * (2 * 17 * 64 + 16 * 64)  # sr-tiny: 17 tokens x 64 (x2 images), 16 x 64 text
 
 

@@ -167,8 +167,8 @@ def finetune_dataset(info: SetInfo, model_cfg: dict, cfg: FinetuneDataConfig, se
     import ray.data
 
     fs, _ = storage.resolve(info.uri, cfg.s3_endpoint)
-    ds = ray.data.read_parquet(info.files, filesystem=fs, columns=["prompt", "image", "generation_id"],
-                               override_num_blocks=len(info.files) if ordered else None)
+    ds = ray.data.read_parquet(info.files, filesystem=fs, override_num_blocks=len(info.files) if ordered else None)
+    ds = ds.select_columns(["prompt", "image", "generation_id"])  # pushed down into the read
     ds = ds.map_batches(FinetunePreprocessor(model_cfg, cfg.resolution, cfg.center_crop, cfg.random_flip, seed),
                         batch_format="numpy", batch_size=cfg.map_batch_size, num_cpus=cfg.map_num_cpus)
     if cfg.cache_latents:

@@ -190,7 +190,7 @@ def pick_per_prompt(score_files: list[str], fs, rows: int):
     import ray.data
 
     parts = max(1, min(200, rows // 20_000))
-    ds = ray.data.read_parquet(score_files, filesystem=fs, columns=["generation_id", "prompt", "score"])
+    ds = ray.data.read_parquet(score_files, filesystem=fs).select_columns(["generation_id", "prompt", "score"])
     ds = ds.map_batches(_prompt_partition, fn_kwargs={"parts": parts}, batch_format="pyarrow")
     ds = ds.groupby("pk", num_partitions=max(1, min(parts, 16))).map_groups(_best_worst, batch_format="pyarrow")
     tables = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if len(b)]
