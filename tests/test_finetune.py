@@ -12,7 +12,8 @@ import torch
 from sr_ray.demo.data import make_generations
 from sr_ray.diffusion.components import SDModelConfig, load_components
 from sr_ray.diffusion.data import FinetuneDataConfig, FinetunePreprocessor, preflight
-from sr_ray.diffusion.finetune import FinetuneOptimConfig, diffusion_loss, freeze
+from sr_ray.diffusion.denoiser import diffusion_loss
+from sr_ray.diffusion.finetune import FinetuneOptimConfig, freeze
 from sr_ray.reward.data import DataError
 
 

@@ -69,7 +69,8 @@ def test_rooms_import_only_downward_with_no_cycle_and_no_private_names():
             visit(v, [v])
 
 
-LAZY = {"sr_ray.reward.model", "sr_ray.reward.score", "sr_ray.reward", "sr_ray.diffusion.components"}
+LAZY = {"sr_ray.reward.model", "sr_ray.reward.score", "sr_ray.reward", "sr_ray.diffusion.components",
+        "sr_ray.diffusion.denoiser"}
 """Modules that may be imported inside a function: they load torch/open_clip or diffusers at import, which the
 callers (Ray Data tasks, the curation's NSFW hook, the scorers' configs, the CLI) must not pay until used."""
 

@@ -184,6 +184,24 @@ REGULARIZATION_DEFAULTS = {"rows": 1000, "image_size": 64, "seed": 1, "bad_rows"
                            "cache_dir": "~/.cache/sr-ray/demo"}
 
 
+def generic_caption(rng: np.random.Generator) -> tuple[str, str, str]:
+    """(caption, colour, shape) of a generic captioned picture: the regularization set's kind, and what the tiny
+    generator is pre-trained on. The caption names what is drawn; nothing in it is the community's taste."""
+    colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
+    return f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}", colour, shape
+
+
+def captioned_pictures(n: int, size: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """``n`` generic captioned pictures (:func:`generic_caption`): (captions, (n, size, size, 3) uint8)."""
+    rng = np.random.default_rng(seed)
+    captions, pics = [], np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        caption, colour, shape = generic_caption(rng)
+        captions.append(caption)
+        pics[i] = np.asarray(images.draw(colour, shape, rng, size))
+    return captions, pics
+
+
 def make_regularization(rows: int, image_size: int, seed: int, bad_rows: int) -> dict[str, list]:
     """A LAION-like demo set: a caption and the image it describes (any colour; no community taste).
 
@@ -193,8 +211,8 @@ def make_regularization(rows: int, image_size: int, seed: int, bad_rows: int) ->
     rng = np.random.default_rng(seed)
     cols: dict[str, list] = {"caption": [], "image": []}
     for _ in range(rows):
-        colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
-        cols["caption"].append(f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}")
+        caption, colour, shape = generic_caption(rng)
+        cols["caption"].append(caption)
         cols["image"].append(images.encode_png(images.draw(colour, shape, rng, image_size)))
     for k in range(bad_rows):
         cols["caption"].append(f"a broken picture #{k}")

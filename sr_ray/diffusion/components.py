@@ -3,37 +3,45 @@
 ``load_components`` returns the five parts a fine-tune needs (U-Net, VAE, text
 encoder, tokenizer, noise scheduler) from a diffusers model directory (local, or
 ``s3://`` copied once) or a Hugging Face hub id (``stabilityai/stable-diffusion-2-1-base``),
-or, for ``model=tiny``, a miniature SD built in code: the same classes and the same
-wiring, a few hundred thousand parameters, so the demo and tests need no download.
-The tiny tokenizer is CLIP's real BPE (from the vocabulary open_clip ships), so
-prompts and the special token tokenize as they do for SD.
+or, for ``model=tiny`` and ``model=tiny-pretrained``, a miniature SD built in code
+(:mod:`sr_ray.diffusion.tiny`): the same classes and the same wiring, a few hundred
+thousand parameters, so the demo and tests need no download. The tiny tokenizer is
+CLIP's real BPE (from the vocabulary open_clip ships), so prompts and the special
+token tokenize as they do for SD.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sr_ray.core import images, storage
+from sr_ray.core import storage
 from sr_ray.core.config import ConfigError
+from sr_ray.diffusion.tiny import (
+    TOKENIZER_CACHE,
+    clip_bpe_tokenizer,
+    tiny_components,
+    tiny_generator_state,
+    tiny_pretrained_components,
+    tiny_vae_state,
+    training_scheduler,
+)
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_PRETRAINED = "tiny-pretrained"
 SD21_RANDOM = "sd21-base-random"
-TOKENIZER_CACHE = "~/.cache/sr-ray/tiny-sd/tokenizer"
 
 
 @dataclass
 class SDModelConfig:
     name: str = TINY
-    """tiny (built in code), sd21-base-random (SD 2.1-base's architecture with random weights, built in code:
+    """tiny (built in code, U-Net and text encoder random), tiny-pretrained (the same, pre-trained once per machine
+    on generic captioned pictures: the demo's baseline generator), sd21-base-random (SD 2.1-base's architecture with random weights, built in code:
     for throughput benchmarks on a GPU), a diffusers model directory (local or s3://), or a hub id
     (stabilityai/stable-diffusion-2-1-base: the paper's model)."""
     revision: str | None = None
@@ -48,120 +56,13 @@ class SDModelConfig:
             raise ValueError("prediction_type must be epsilon, v_prediction or null")
 
 
-def clip_bpe_tokenizer(folder: str | os.PathLike, model_max_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` with CLIP's BPE, written from open_clip's bundled vocabulary (offline).
-
-    Ids match OpenAI CLIP's (start 49406, end 49407); padding with "!" (id 0), as SD 2.x does.
-    """
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    if not (folder / "vocab.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
-        vocab = list(bytes_to_unicode().values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
-        tmp = folder / f".vocab-{os.getpid()}.json"
-        tmp.write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        os.replace(tmp, folder / "vocab.json")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
-                         model_max_length=model_max_length)
-
-
-TINY_VAE = {"images": 1024, "size": 32, "steps": 400, "batch": 32, "lr": 2e-3, "kl_weight": 1e-6, "seed": 0}
-"""How the tiny VAE is fitted once per machine (the cache file's name holds a hash of this)."""
-
-
-def _tiny_vae(scaling_factor: float = 0.18215):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
-
-
-def tiny_vae_state() -> dict[str, Any]:
-    """The tiny VAE's weights, fitted once on demo pictures (cached under ``TOKENIZER_CACHE``'s folder).
-
-    A random VAE decodes any latent to noise, so a tiny SD could never draw anything. This one is
-    fitted like SD's (reconstruction MSE + a tiny KL, latents sampled from the posterior) on 1,024
-    demo pictures (coloured shapes, 32 px), about a minute on 2 CPU cores; its ``scaling_factor``
-    makes the latents unit-variance, as 0.18215 does for SD's. Returns {"state_dict", "scaling_factor"}.
-    """
-    import hashlib
-
-    import numpy as np
-    import torch
-
-    key = hashlib.sha256(json.dumps(TINY_VAE, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(os.path.expanduser(TOKENIZER_CACHE)).parent / f"vae-{key}.pt"
-    if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    p = TINY_VAE
-    log.info("fitting the tiny SD's VAE once on %d demo pictures (%d steps) -> %s", p["images"], p["steps"], path)
-    rng = np.random.default_rng(p["seed"])
-    pics = np.stack([np.asarray(images.draw(str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES)),
-                                            rng, p["size"])) for _ in range(p["images"])])
-    x_all = torch.tensor(pics).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.random.fork_rng():
-        torch.manual_seed(p["seed"])
-        vae = _tiny_vae()
-        g = torch.Generator().manual_seed(p["seed"])
-        opt = torch.optim.Adam(vae.parameters(), lr=p["lr"])
-        for _ in range(p["steps"]):
-            x = x_all[torch.randint(0, len(x_all), (p["batch"],), generator=g)]
-            post = vae.encode(x).latent_dist
-            loss = torch.nn.functional.mse_loss(vae.decode(post.sample(generator=g)).sample, x)
-            loss = loss + p["kl_weight"] * post.kl().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            std = float(vae.encode(x_all[:256]).latent_dist.mean.std())
-    state = {"state_dict": {k: v.detach().clone() for k, v in vae.state_dict().items()}, "scaling_factor": 1 / std}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(str(path), buf.getvalue())  # atomic: workers that race read a whole file or none
-    return state
-
-
-def tiny_components(seed: int = 0) -> dict[str, Any]:
-    """A miniature SD 2.x: 2-block U-Net (cross-attention), 2-block VAE (4 latent channels, /2), 2-layer CLIP text.
-
-    32 px images give 16 px latents; the same classes as the real model, so every code path is the real one.
-    U-Net and text encoder are random (``seed``); the VAE is fitted once (:func:`tiny_vae_state`), so the
-    tiny model's images are pictures once its U-Net has learned something.
-    """
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vae_state = tiny_vae_state()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=0))
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=(2, 4), norm_num_groups=8)
-    vae = _tiny_vae(vae_state["scaling_factor"])
-    vae.load_state_dict(vae_state["state_dict"])
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-
-
 def prepare_model(name: str) -> None:
-    """Driver-side, before workers start: fit and cache the tiny VAE once, so workers only load it."""
-    if name == TINY:
+    """Driver-side, before workers start: fit and cache the tiny VAE (and pre-train the tiny generator) once, so
+    workers only load them."""
+    if name in (TINY, TINY_PRETRAINED):
         tiny_vae_state()
+    if name == TINY_PRETRAINED:
+        tiny_generator_state()
 
 
 def sd21_base_random(seed: int = 0) -> dict[str, Any]:
@@ -189,7 +90,7 @@ def sd21_base_random(seed: int = 0) -> dict[str, Any]:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
-BUILT_IN = {TINY: tiny_components, SD21_RANDOM: sd21_base_random}
+BUILT_IN = {TINY: tiny_components, TINY_PRETRAINED: tiny_pretrained_components, SD21_RANDOM: sd21_base_random}
 
 
 def load_tokenizer(cfg: SDModelConfig):
@@ -210,10 +111,7 @@ def load_components(cfg: SDModelConfig) -> dict[str, Any]:
 
     if cfg.name in BUILT_IN:
         parts = BUILT_IN[cfg.name](cfg.seed)
-        # SD 2.x's training noise schedule
-        parts["noise_scheduler"] = DDPMScheduler(
-            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-            prediction_type="epsilon", clip_sample=False, steps_offset=1)
+        parts["noise_scheduler"] = training_scheduler()
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel

@@ -34,6 +34,7 @@ from sr_ray.core.ray_utils import check_resources, init_ray, require_shared_stor
 from sr_ray.core.raytrain import IDENTITY_FILE, STATE_FILE, absolute_storage, run_dir, worker_bundle
 from sr_ray.diffusion.components import SDModelConfig, check_model, load_components, pipeline, prepare_model
 from sr_ray.diffusion.data import FinetuneDataConfig, finetune_dataset, preflight
+from sr_ray.diffusion.denoiser import Denoiser, diffusion_loss
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +149,6 @@ class FinetuneSDConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
-class Denoiser(torch.nn.Module):
-    """The trained part: text encoder -> U-Net noise prediction. One module, so DDP/DeepSpeed wrap both."""
-
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) noisy latents, (B,) timesteps, (B, L) token ids -> (B, C, h, w) prediction."""
-        hidden = self.text_encoder(input_ids)[0]
-        return self.unet(noisy, timesteps, hidden).sample
-
-
 def freeze(parts: dict[str, Any], cfg: FinetuneOptimConfig) -> dict[str, int]:
     """VAE frozen; U-Net and text encoder as configured. Returns trainable parameter counts per component."""
     parts["vae"].requires_grad_(False)
@@ -168,33 +156,6 @@ def freeze(parts: dict[str, Any], cfg: FinetuneOptimConfig) -> dict[str, int]:
     parts["text_encoder"].requires_grad_(cfg.train_text_encoder)
     return {k: sum(p.numel() for p in parts[k].parameters() if p.requires_grad)
             for k in ("unet", "text_encoder", "vae")}
-
-
-def diffusion_loss(denoiser, vae, scheduler, batch: dict[str, torch.Tensor], generator=None) -> torch.Tensor:
-    """Noise-prediction MSE over the valid rows (epsilon or v target, from the scheduler's prediction_type).
-
-    ``batch``: ``input_ids`` (B, L), ``valid`` (B,), and ``pixel_values`` (B, 3, R, R) in [-1, 1] or cached
-    ``latent_moments`` (B, 2C, h, w). Rows with valid=False weigh 0 (all ranks still step together).
-    """
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    valid = batch["valid"].float()
-    if "latent_moments" in batch:
-        dist = DiagonalGaussianDistribution(batch["latent_moments"])
-    else:
-        with torch.no_grad():
-            dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
-    latents = dist.sample(generator).float() * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
-                      generator=generator)
-    noisy = scheduler.add_noise(latents, noise, t)
-    ptype = scheduler.config.prediction_type
-    target = noise if ptype == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    dtype = next(denoiser.parameters()).dtype
-    pred = denoiser(noisy.to(dtype), t, batch["input_ids"]).float()
-    per_row = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-    return (per_row * valid).sum() / valid.sum().clamp(min=1.0)
 
 
 def deepspeed_config(cfg: FinetuneSDConfig, per_worker: int, bf16: bool) -> dict[str, Any]:
