@@ -10,6 +10,7 @@ Built in, one module per model:
 | ``pickscore`` | ``pickscore`` | PickScore_v1 (transformers CLIP ViT-H/14): logit_scale * cosine |
 | ``hpsv2``, ``hpsv21`` | ``hps`` | open_clip ViT-H-14 + HPS v2 / v2.1 weights: cosine, as HPS's code |
 | ``imagereward`` | ``imagereward`` | ImageReward-v1.0 (BLIP + MLP head): normalised reward |
+| ``random`` | ``random_scorer`` | a seeded hash of prompt and pixels: the chance line, and the closed loop's ablation |
 
 A scorer of your own joins by import path: ``scorers=[my_pkg.my_module:make]``, where
 ``make(options: dict, device: str | None) -> Scorer`` and ``options`` come from ``plugins`` in the config
@@ -33,6 +34,7 @@ from sr_ray.eval.scorers.clip import ClipConfig
 from sr_ray.eval.scorers.hps import HPSConfig
 from sr_ray.eval.scorers.imagereward import ImageRewardConfig
 from sr_ray.eval.scorers.pickscore import PickScoreConfig
+from sr_ray.eval.scorers.random_scorer import RandomScorerConfig
 from sr_ray.eval.scorers.social_reward import SocialRewardConfig
 
 BUILTIN: dict[str, str] = {
@@ -43,6 +45,7 @@ BUILTIN: dict[str, str] = {
     "hpsv2": "sr_ray.eval.scorers.hps:build",
     "hpsv21": "sr_ray.eval.scorers.hps:build",
     "imagereward": "sr_ray.eval.scorers.imagereward:build",
+    "random": "sr_ray.eval.scorers.random_scorer:build",
 }
 
 PAPER_METRICS = ["social_reward", "clip", "laion_aesthetic", "hpsv2", "imagereward", "pickscore"]
@@ -60,6 +63,7 @@ class ScorerSettings:
     hpsv2: HPSConfig = field(default_factory=lambda: HPSConfig(version="2.0"))
     hpsv21: HPSConfig = field(default_factory=lambda: HPSConfig(version="2.1"))
     imagereward: ImageRewardConfig = field(default_factory=ImageRewardConfig)
+    random: RandomScorerConfig = field(default_factory=RandomScorerConfig)
     plugins: dict[str, dict] = field(default_factory=dict)
     """Options of scorers named by import path: {"pkg.module:factory": {...}}."""
     bf16: bool = True
