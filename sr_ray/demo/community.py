@@ -114,6 +114,22 @@ def _chunk_rng(cfg: CommunityConfig, chunk: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, chunk, 0x5EED])
 
 
+def community_prompt(detail: int, colour: int, subject: int, shape: int, setting: int, style: int) -> str:
+    """The community's phrasing, from indices into its word lists: "a tiny red cat made of circles on a beach,
+    watercolor"."""
+    return (f"a {DETAILS[detail]} {list(images.COLOURS)[colour]} {SUBJECTS[subject]} "
+            f"{SHAPE_WORDS[images.SHAPES[shape]]} {SETTINGS[setting]}, {STYLES[style]}")
+
+
+def draw_prompts(seed: int):
+    """An endless stream of new prompts as the community writes them (the same words and distribution as its
+    log's, seeded apart from it): the prompts a generator is fine-tuned and evaluated on in the closed loop."""
+    rng = np.random.default_rng([seed, 0x9E0])
+    sizes = (len(DETAILS), len(images.COLOURS), len(SUBJECTS), len(images.SHAPES), len(SETTINGS), len(STYLES))
+    while True:
+        yield community_prompt(*(int(rng.integers(0, k)) for k in sizes))
+
+
 def _chunk_log(cfg: CommunityConfig, chunk: int, n: int, image_root: str, first_id: int) -> dict[str, np.ndarray]:
     """The log rows of one chunk of ``n`` images, plus the (colour, shape) drawn for each."""
     rng = _chunk_rng(cfg, chunk)
@@ -135,9 +151,8 @@ def _chunk_log(cfg: CommunityConfig, chunk: int, n: int, image_root: str, first_
     p_exposure = np.exp(rng.normal(0.0, cfg.exposure_sigma, n_prompts))
     p_mood = rng.normal(0.0, 0.3, n_prompts)  # some prompts are liked more overall
     # 2.56M distinct prompts (20 x 8 x 16 x 5 x 20 x 10), so even at the paper's scale few repeat by chance
-    prompts = np.array([f"a {DETAILS[d]} {colours[c]} {SUBJECTS[s]} {SHAPE_WORDS[shapes[h]]} {SETTINGS[g]}, "
-                        f"{STYLES[t]}" for d, c, s, h, g, t in zip(p_detail, p_colour, p_subject, p_shape, p_setting,
-                                                                  p_style)], dtype=object)
+    prompts = np.array([community_prompt(*ix) for ix in zip(p_detail, p_colour, p_subject, p_shape, p_setting,
+                                                             p_style)], dtype=object)
     idx = np.repeat(np.arange(n_prompts), per)
 
     cmatch = rng.random(n) < cfg.colour_match
