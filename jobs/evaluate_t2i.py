@@ -1,6 +1,6 @@
 """Evaluate baseline vs fine-tuned Stable Diffusion: paper Tables 5 (means) and 6 (win-rates), grids, best-of-N.
 
-    python jobs/evaluate_t2i.py                   # embedded default: tiny SD vs the fine-tune demo (run first if absent)
+    python jobs/evaluate_t2i.py                   # embedded default: the pre-trained tiny SD vs the closed loop's fine-tune
     python jobs/evaluate_t2i.py baseline=<sd dir or hub id> finetuned=<run dir> prompts=prompts.txt
     python jobs/evaluate_t2i.py --config jobs/configs/evaluate_t2i/paper.yaml \\
         finetuned=$PWD/runs/sd21-social-reward social_reward.checkpoint=<reward checkpoint> \\

@@ -11,7 +11,9 @@ becomes the previous stage's demo output, made once and cached:
     select_pairs       no scores       -> the scoring demo's output (+ the demo regularization set)
     finetune_sd        no data.train   -> the selection demo's output, else a fine-tune set drawn in code
     generate           no prompts      -> the demo prompt sets
-    evaluate_t2i       no prompts      -> demo sets (+ the run's held-out prompts); finetune_demo -> a run
+    evaluate_t2i       no prompts      -> demo sets (+ the run's held-out prompts); finetune_demo -> the
+                                          closed loop's fine-tuned run
+    closed_loop        no reward       -> the training job's demo run (the community's triplets)
     compare_rewards    no test         -> the reward demo run's test split and checkpoint
     analyze_prompts    no datasets     -> the simulated community's log + the public prompt sets (PROMPT_SETS)
 
@@ -30,6 +32,8 @@ from typing import Any
 
 from sr_ray.analysis import prompts as prompt_analysis
 from sr_ray.analysis.prompts import AnalyzePromptsConfig
+from sr_ray.app import closed_loop as loop
+from sr_ray.app.closed_loop import ClosedLoopConfig
 from sr_ray.core import special_token, storage
 from sr_ray.core.config import ConfigError, load_config, preset_path, to_dict
 from sr_ray.core.ray_utils import init_ray
@@ -200,11 +204,6 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- diffusion
 
-def finetune_demo_config() -> FinetuneSDConfig:
-    """The fine-tuning job's demo preset (tiny SD, ZeRO-2 over 2 CPU workers)."""
-    return load_config(FinetuneSDConfig, preset_path("finetune_sd", "demo"))
-
-
 def finetune_sd(cfg: FinetuneSDConfig) -> dict[str, Any]:
     """The fine-tuning job: the set given, else the selection demo's output when it has run here, else a set
     drawn in code (made with the run's special token)."""
@@ -226,17 +225,21 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- evaluation
 
 def ensure_finetuned(cfg: EvaluateT2IConfig) -> None:
-    """With ``finetune_demo``: when ``finetuned`` holds no pipeline yet, run the fine-tuning demo into it."""
+    """With ``finetune_demo``: when ``finetuned`` (``<folder>/finetuned``) holds no pipeline yet, run the closed
+    loop's stages up to the fine-tune into ``<folder>`` (the loop's demo preset, the community's reward)."""
     if not (cfg.finetune_demo and cfg.finetuned) or storage.is_s3(cfg.finetuned):
         return
     path = Path(os.path.expanduser(cfg.finetuned)).resolve()
     if (path / "pipeline" / "model_index.json").exists() or (path / "model_index.json").exists():
         return
-    ft = finetune_demo_config()
-    ft = replace(ft, model=replace(ft.model, name=cfg.baseline),
-                 run=replace(ft.run, name=path.name, storage_path=str(path.parent), ray_address=cfg.ray_address))
-    log.info("[evaluate] %s has no fine-tuned pipeline yet: running the fine-tuning demo into it", path)
-    finetune_sd(ft)
+    if path.name != "finetuned":
+        raise ConfigError(f"finetuned={cfg.finetuned}: no pipeline there, and finetune_demo makes one only in a "
+                          f"folder named 'finetuned' (the closed loop's <out>/finetuned)")
+    lc = replace(load_config(ClosedLoopConfig, preset_path("closed_loop", "demo")), out=str(path.parent),
+                 generator=cfg.baseline, ray_address=cfg.ray_address)
+    log.info("[evaluate] %s has no fine-tuned pipeline yet: running the closed loop's stages into %s", path,
+             path.parent)
+    loop.finetuned_run(replace(lc, reward_checkpoint=community_checkpoint(cfg.ray_address)), {})
 
 
 def evaluation_inputs(cfg: EvaluateT2IConfig) -> EvaluateT2IConfig:
@@ -256,6 +259,32 @@ def evaluation_inputs(cfg: EvaluateT2IConfig) -> EvaluateT2IConfig:
 def evaluate_t2i(cfg: EvaluateT2IConfig) -> dict[str, Any]:
     """The T2I evaluation job (see :func:`evaluation_inputs`)."""
     return t2i.evaluate_t2i(evaluation_inputs(cfg))
+
+
+def community_checkpoint(ray_address: str | None = None) -> str:
+    """The checkpoint of the training job's demo run (the simulated community's curated triplets), trained now
+    when it is absent."""
+    rcfg = load_config(TrainRewardConfig, preset_path("train_reward", "demo"))
+    rcfg = replace(rcfg, run=replace(rcfg.run, ray_address=ray_address))
+    path = os.path.join(os.path.abspath(rcfg.run.storage_path), rcfg.run.name, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done.get("checkpoint") and storage.exists(done["checkpoint"]):
+            log.info("community reward model: %s (from %s)", done["checkpoint"], path)
+            return done["checkpoint"]
+    log.info("no reward model of the community yet: training it (run %s)", rcfg.run.name)
+    return train_reward(rcfg, score_test=False)["checkpoint"]
+
+
+def closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
+    """The closed loop (:mod:`sr_ray.app.closed_loop`): the reward given, else the community's."""
+    times = {}
+    if not cfg.reward_checkpoint:
+        t = time.perf_counter()
+        cfg = replace(cfg, reward_checkpoint=community_checkpoint(cfg.ray_address))
+        times["reward"] = round(time.perf_counter() - t, 1)
+    return loop.closed_loop(cfg, times)
 
 
 def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:
