@@ -131,3 +131,24 @@ def test_the_loop_refuses_a_missing_reward_by_name(tmp_path):
     with pytest.raises(ValueError, match="selection="):
         ClosedLoopConfig(selection="best")
     assert not (tmp_path / "loop").exists()  # refused before any stage
+
+
+def test_a_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path):
+    """The loop skips finished stages, so the folder records what it was made from: the same settings (or only
+    where and how fast it runs) go on, others are refused by name before any stage."""
+    from dataclasses import replace
+
+    from sr_ray.app.closed_loop import check_out
+    from sr_ray.core.config import ConfigError
+
+    cfg = ClosedLoopConfig(out=str(tmp_path / "loop"), reward_checkpoint="/ckpt")
+    check_out(cfg)
+    check_out(cfg)
+    check_out(replace(cfg, ray_address="auto", generation=replace(cfg.generation, batch_size=4),
+                      out=str(tmp_path / "." / "loop")))  # the same folder named another way
+    with pytest.raises(ConfigError, match="selection"):
+        check_out(replace(cfg, selection="random"))
+    with pytest.raises(ConfigError, match=r"finetune\.optim\.lr"):
+        check_out(replace(cfg, finetune=replace(cfg.finetune, optim=replace(cfg.finetune.optim, lr=5e-4))))
+    with pytest.raises(ConfigError, match="reward_checkpoint"):
+        check_out(replace(cfg, reward_checkpoint="/other"))

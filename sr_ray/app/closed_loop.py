@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import pyarrow.dataset as pads
 
-from sr_ray.core import storage
-from sr_ray.core.config import ConfigError, load_config, preset_path
+from sr_ray.core import identity, storage
+from sr_ray.core.config import ConfigError, load_config, preset_path, to_dict
 from sr_ray.demo.community import draw_prompts
 from sr_ray.demo.data import ensure_demo_regularization
 from sr_ray.demo.prompts import demo_prompt_sets
@@ -221,6 +221,28 @@ def headline(ev: dict[str, Any]) -> dict[str, Any]:
     return {k.rsplit("/", 1)[0]: v for k, v in ev.get("win_rates", {}).items() if k.endswith("/social_reward")}
 
 
+LOOP_RECORD = "_closed_loop.json"
+OPERATIONAL = ("out", "ray_address", "generation.", "finetune.scaling.", "finetune.run.log_every_steps",
+               "evaluate.generation.", "evaluate.scoring.", "evaluate.grid_prompts")
+"""Keys a re-run into the same ``out`` may change (the folder itself, where and how fast it runs, how it
+reports)."""
+
+
+def check_out(cfg: ClosedLoopConfig) -> None:
+    """Record what ``out`` is made from; a re-run with other settings (whose finished stages would be reused) is
+    refused, naming the keys."""
+    keys = {k: v for k, v in identity.flatten(to_dict(cfg)).items() if not k.startswith(OPERATIONAL)}
+    uri = os.path.join(cfg.out, LOOP_RECORD)
+    old = identity.read_record(uri)
+    if old is None:
+        identity.write_record(uri, keys)
+        return
+    changed = identity.differing_keys(old, keys)
+    if changed:
+        raise ConfigError(f"out={cfg.out} holds a closed loop run with other settings ({identity.describe(changed)}"
+                          f"); its finished stages would be reused: give another out, or delete it")
+
+
 def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, dict[str, str]]:
     """Stages 2-7 (see the module): (the fine-tuning run's folder, the prompt files); their seconds in ``times``."""
     if not cfg.reward_checkpoint:
@@ -228,6 +250,7 @@ def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, 
                           "job (sr-ray closed_loop) trains the community's when none is given")
     if storage.is_s3(cfg.out):
         raise ConfigError("out: the closed loop keeps its stages in a local folder (each stage alone takes s3://)")
+    check_out(cfg)
     share = cfg.internal_prompts / (cfg.internal_prompts + cfg.train_prompts)
     _timed(times, "generator", prepare_model, cfg.generator)
     files = _timed(times, "prompts", write_prompts, cfg, share, cfg.reward_checkpoint)
