@@ -150,10 +150,6 @@ def write_prompts(cfg: ClosedLoopConfig, share: float, checkpoint: str) -> dict[
     return files
 
 
-def _done(path: str) -> bool:
-    return storage.exists(path)
-
-
 def generate_stage(cfg: ClosedLoopConfig, prompts: str) -> str:
     """The baseline's ``images_per_prompt`` images per community prompt (resumes by shard)."""
     out = os.path.join(cfg.out, "generations")
@@ -165,7 +161,7 @@ def generate_stage(cfg: ClosedLoopConfig, prompts: str) -> str:
 
 def score_stage(cfg: ClosedLoopConfig, generations: str, checkpoint: str) -> str:
     out = os.path.join(cfg.out, "scores")
-    if not _done(os.path.join(out, "_summary.json")):
+    if not storage.exists(os.path.join(out, "_summary.json")):
         sc = _preset(ScoreConfig, "score_generations")
         batch_score.score_generations(replace(sc, generations=generations, checkpoint=checkpoint, out=out,
                                               scorer=SELECTIONS[cfg.selection], ray_address=cfg.ray_address))
@@ -184,7 +180,7 @@ def select_stage(cfg: ClosedLoopConfig, scores: str, share: float) -> str:
 def finetune_stage(cfg: ClosedLoopConfig, fset: str) -> str:
     """The fine-tuning run's folder (``<out>/finetuned``), its pipeline written at the end."""
     run = os.path.join(os.path.abspath(cfg.out), "finetuned")
-    if _done(os.path.join(run, "pipeline", "model_index.json")):
+    if storage.exists(os.path.join(run, "pipeline", "model_index.json")):
         return run
     ft = cfg.finetune
     ft = replace(ft, model=replace(ft.model, name=cfg.generator), data=replace(ft.data, train=os.path.abspath(fset)),

@@ -155,18 +155,26 @@ def demo_reward_config() -> TrainRewardConfig:
     return cfg
 
 
+def finished_run(storage_path: str, name: str) -> dict[str, Any] | None:
+    """The summary of run ``name`` under ``storage_path`` when it finished with a checkpoint that still exists."""
+    path = os.path.join(os.path.abspath(storage_path), name, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    if summary.get("checkpoint") and storage.exists(summary["checkpoint"]):
+        log.info("demo reward model: %s (from %s)", summary["checkpoint"], path)
+        return summary
+    return None
+
+
 def demo_run() -> dict[str, Any]:
     """The summary of the reward demo run (its ``checkpoint``, its ``splits``): the training job's demo run when
     it has run here, else a quick one trained now (synthetic triplets) or earlier."""
     cfg = demo_reward_config()
     for name in REWARD_DEMO_RUNS:
-        path = os.path.join(os.path.abspath(cfg.run.storage_path), name, "summary.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            summary = json.load(f)
-        if summary.get("checkpoint") and storage.exists(summary["checkpoint"]):
-            log.info("demo reward model: %s (from %s)", summary["checkpoint"], path)
+        summary = finished_run(cfg.run.storage_path, name)
+        if summary is not None:
             return summary
     log.info("no demo reward model yet: training one (run %s)", cfg.run.name)
     return train_reward(cfg, score_test=False)
@@ -266,13 +274,9 @@ def community_checkpoint(ray_address: str | None = None) -> str:
     when it is absent."""
     rcfg = load_config(TrainRewardConfig, preset_path("train_reward", "demo"))
     rcfg = replace(rcfg, run=replace(rcfg.run, ray_address=ray_address))
-    path = os.path.join(os.path.abspath(rcfg.run.storage_path), rcfg.run.name, "summary.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            done = json.load(f)
-        if done.get("checkpoint") and storage.exists(done["checkpoint"]):
-            log.info("community reward model: %s (from %s)", done["checkpoint"], path)
-            return done["checkpoint"]
+    done = finished_run(rcfg.run.storage_path, rcfg.run.name)
+    if done is not None:
+        return done["checkpoint"]
     log.info("no reward model of the community yet: training it (run %s)", rcfg.run.name)
     return train_reward(rcfg, score_test=False)["checkpoint"]
 
