@@ -65,6 +65,33 @@ def test_loss_is_the_mean_square_of_the_target_over_valid_rows(prediction_type):
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
+class _Recorder(_Zero):
+    """A zero denoiser that keeps the timesteps it is asked about."""
+
+    seen: list
+
+    def forward(self, noisy, t, ids):
+        self.seen.append(t)
+        return super().forward(noisy, t, ids)
+
+
+def test_timestep_power_draws_the_noisy_end_more_often():
+    """t = T * u ** (1 / p): its mean is T * p / (p + 1), 500 for uniform (p = 1), 667 for p = 2; the same uniform
+    draws give the same t where p = 1 (the default's stream is SD's: randint)."""
+    parts = load_components(SDModelConfig())
+    batch = {"latent_moments": torch.zeros(4000, 8, 1, 1), "input_ids": torch.zeros(4000, 1, dtype=torch.long),
+             "valid": torch.ones(4000)}
+    means = {}
+    for power in (1.0, 2.0):
+        rec = _Recorder()
+        rec.seen = []
+        diffusion_loss(rec, parts["vae"], parts["noise_scheduler"], batch, torch.Generator().manual_seed(0), power)
+        t = rec.seen[0].float()
+        assert 0 <= t.min() and t.max() <= 999
+        means[power] = float(t.mean())
+    assert means[1.0] == pytest.approx(499.5, abs=15) and means[2.0] == pytest.approx(666.7, abs=15)
+
+
 def test_preprocessor_resizes_crops_tokenizes_and_flags_bad_images():
     gen = make_generations(2, 2, 48, 0, 1)
     batch = {"prompt": np.array(gen["prompt"][:3] + ["a red cat, t@y quality"], dtype=object),

@@ -40,9 +40,10 @@ from sr_ray.demo.data import ensure_demo_regularization
 from sr_ray.demo.prompts import demo_prompt_sets
 from sr_ray.diffusion import finetune as sd_finetune
 from sr_ray.diffusion import generate as sd_generate
-from sr_ray.diffusion.components import prepare_model
+from sr_ray.diffusion.components import TINY_PRETRAINED, prepare_model
 from sr_ray.diffusion.finetune import FinetuneSDConfig
 from sr_ray.diffusion.generate import GenComputeConfig, GenerateConfig, SamplingConfig
+from sr_ray.diffusion.tiny import tiny_generator_file
 from sr_ray.eval import t2i
 from sr_ray.eval.t2i import EvaluateT2IConfig
 from sr_ray.generations import score as batch_score
@@ -228,6 +229,8 @@ def check_out(cfg: ClosedLoopConfig) -> None:
     """Record what ``out`` is made from; a re-run with other settings (whose finished stages would be reused) is
     refused, naming the keys."""
     keys = {k: v for k, v in identity.flatten(to_dict(cfg)).items() if not k.startswith(OPERATIONAL)}
+    if cfg.generator == TINY_PRETRAINED:  # the built-in's weights change with its recipe, its name does not
+        keys["generator_weights"] = tiny_generator_file().name
     uri = os.path.join(cfg.out, LOOP_RECORD)
     old = identity.read_record(uri)
     if old is None:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from sr_ray.core import images, special_token
 from sr_ray.core.config import ConfigError
+from sr_ray.demo import community
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +186,30 @@ REGULARIZATION_DEFAULTS = {"rows": 1000, "image_size": 64, "seed": 1, "bad_rows"
 
 
 def generic_caption(rng: np.random.Generator) -> tuple[str, str, str]:
-    """(caption, colour, shape) of a generic captioned picture: the regularization set's kind, and what the tiny
-    generator is pre-trained on. The caption names what is drawn; nothing in it is the community's taste."""
+    """(caption, colour, shape) of a generic captioned picture: the regularization set's kind. The caption names
+    what is drawn; nothing in it is the community's taste."""
     colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
     return f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}", colour, shape
 
 
+def described_caption(rng: np.random.Generator) -> tuple[str, str, str]:
+    """(caption, colour, shape) of a captioned picture as a web crawl has them: half :func:`generic_caption`'s
+    short kind, half a longer description in the words people write prompts in ("a tiny red cat made of circles
+    on a beach, watercolor"). The colour and shape named are always the ones drawn, and no word says what anyone
+    likes: a generator pre-trained on these learns to draw what a prompt names, not the community's taste."""
+    colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
+    if rng.random() < 0.5:
+        return f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}", colour, shape
+    return (f"a {rng.choice(community.DETAILS)} {colour} {rng.choice(community.SUBJECTS)} "
+            f"{community.SHAPE_WORDS[shape]} {rng.choice(community.SETTINGS)}, {rng.choice(STYLES)}", colour, shape)
+
+
 def captioned_pictures(n: int, size: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """``n`` generic captioned pictures (:func:`generic_caption`): (captions, (n, size, size, 3) uint8)."""
+    """``n`` captioned pictures (:func:`described_caption`): (captions, (n, size, size, 3) uint8)."""
     rng = np.random.default_rng(seed)
     captions, pics = [], np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
-        caption, colour, shape = generic_caption(rng)
+        caption, colour, shape = described_caption(rng)
         captions.append(caption)
         pics[i] = np.asarray(images.draw(colour, shape, rng, size))
     return captions, pics

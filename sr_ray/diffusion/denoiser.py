@@ -19,8 +19,12 @@ class Denoiser(torch.nn.Module):
         return self.unet(noisy, timesteps, hidden).sample
 
 
-def diffusion_loss(denoiser, vae, scheduler, batch: dict[str, torch.Tensor], generator=None) -> torch.Tensor:
+def diffusion_loss(denoiser, vae, scheduler, batch: dict[str, torch.Tensor], generator=None,
+                   timestep_power: float = 1.0) -> torch.Tensor:
     """Noise-prediction MSE over the valid rows (epsilon or v target, from the scheduler's prediction_type).
+
+    Timesteps are uniform, as SD is trained; ``timestep_power`` p > 1 draws t = T * u ** (1 / p) instead
+    (density rising as t ** (p - 1)): more of the noisy steps, where a picture's layout and colours are decided.
 
     ``batch``: ``input_ids`` (B, L), ``valid`` (B,), and ``pixel_values`` (B, 3, R, R) in [-1, 1] or cached
     ``latent_moments`` (B, 2C, h, w). Rows with valid=False weigh 0 (all ranks still step together).
@@ -35,8 +39,12 @@ def diffusion_loss(denoiser, vae, scheduler, batch: dict[str, torch.Tensor], gen
             dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
     latents = dist.sample(generator).float() * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
-                      generator=generator)
+    steps = scheduler.config.num_train_timesteps
+    if timestep_power == 1.0:
+        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device, generator=generator)
+    else:
+        u = torch.rand(latents.shape[0], device=latents.device, generator=generator)
+        t = (steps * u ** (1.0 / timestep_power)).long().clamp(0, steps - 1)
     noisy = scheduler.add_noise(latents, noise, t)
     ptype = scheduler.config.prediction_type
     target = noise if ptype == "epsilon" else scheduler.get_velocity(latents, noise, t)
