@@ -191,7 +191,7 @@ def test_a_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path):
 
 @pytest.mark.extended
 def test_over_three_seeds_the_fine_tuned_generator_wins_on_held_out_prompts(ray_cluster, tmp_path):
-    """A smaller loop (32 prompts to fine-tune on, 8 images each, 100 steps; 24 held-out prompts drawn 4 times)
+    """A smaller loop (32 prompts to fine-tune on, 8 images each, 150 steps; 24 held-out prompts drawn 4 times)
     with three seeds: each time the fine-tuned model's mean Social Reward on the held-out community prompts is
     above the baseline's (the same prompts and sampling seeds)."""
     from dataclasses import replace
@@ -211,7 +211,7 @@ def test_over_three_seeds_the_fine_tuned_generator_wins_on_held_out_prompts(ray_
     for seed in (1, 2, 3):
         cfg = replace(base, out=str(tmp_path / f"loop-{seed}"), seed=seed, reward_checkpoint=checkpoint,
                       train_prompts=32, internal_prompts=24, general_prompts=0, also_without_token=False,
-                      finetune=replace(base.finetune, optim=replace(base.finetune.optim, max_steps=100)),
+                      finetune=replace(base.finetune, optim=replace(base.finetune.optim, max_steps=150)),
                       evaluate=replace(base.evaluate, metrics=["social_reward"], best_of_n=[], grid_prompts=2))
         rows = {r["model"]: r for r in loop.closed_loop(cfg)["table5"] if r["prompt_set"] == "internal"}
         assert rows["baseline"]["prompts"] == rows["finetuned"]["prompts"] == 24

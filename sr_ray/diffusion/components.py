@@ -41,8 +41,9 @@ SD21_RANDOM = "sd21-base-random"
 class SDModelConfig:
     name: str = TINY
     """tiny (built in code, U-Net and text encoder random), tiny-pretrained (the same, pre-trained once per machine
-    on generic captioned pictures: the demo's baseline generator), sd21-base-random (SD 2.1-base's architecture with random weights, built in code:
-    for throughput benchmarks on a GPU), a diffusers model directory (local or s3://), or a hub id
+    on captioned pictures: the demo's baseline generator), sd21-base-random (SD 2.1-base's architecture with
+    random weights, built in code: for throughput benchmarks on a GPU), a diffusers model directory (local or
+    s3://), or a hub id
     (stabilityai/stable-diffusion-2-1-base: the paper's model)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""

@@ -4,9 +4,9 @@
 - :func:`tiny_components`: a 2-block U-Net with cross-attention, a 2-block VAE, a 2-layer CLIP text encoder;
   the U-Net and text encoder random (by seed), the VAE fitted once per machine (:func:`tiny_vae_state`);
 - :func:`tiny_pretrained_components` (``model=tiny-pretrained``): the same model with its U-Net and text
-  encoder pre-trained once per machine on generic captioned pictures (:func:`tiny_generator_state`): the
-  demo's baseline generator, which draws the shape and colour a caption names, roughly, as a small
-  text-to-image model does, and knows nothing of any community's taste.
+  encoder pre-trained once per machine on captioned pictures (:func:`tiny_generator_state`): the demo's
+  baseline generator, which draws the shape and colour a prompt names now and then, as a small text-to-image
+  model does, and knows nothing of any community's taste.
 
 Everything fitted here is cached under ``~/.cache/sr-ray/tiny-sd`` in a file named by a hash of its recipe
 (``TINY_VAE``, ``TINY_GENERATOR``), written atomically, so Ray workers that race read a whole file or none.
@@ -179,8 +179,8 @@ def tiny_generator_state() -> dict[str, Any]:
 
     Fitted once per machine (about 4½ minutes on 2 CPU cores) on 2,048 pictures at 32 px, each captioned with
     the colour and shape it shows ("a red circle on a plain background, watercolor", "a tiny red cat made of
-    circles on a beach, watercolor"), then cached. The result draws the colour a prompt names about half the
-    time at guidance 3 (a third of its images, at 7.5, show the same colour for every seed of a prompt).
+    circles on a beach, watercolor"), then cached. The result draws the colour a community prompt names in
+    about a third of its images at guidance 3 (chance: one in eight), different colours across seeds.
     """
     import torch
 
@@ -190,7 +190,7 @@ def tiny_generator_state() -> dict[str, Any]:
     path = tiny_generator_file()
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
-    log.info("pre-training the tiny generator once on %d generic captioned pictures (%d steps) -> %s",
+    log.info("pre-training the tiny generator once on %d captioned pictures (%d steps) -> %s",
              p["images"], p["steps"], path)
     captions, pics = captioned_pictures(p["images"], p["size"], p["seed"])
     parts = tiny_components(p["seed"])
