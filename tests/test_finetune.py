@@ -68,7 +68,9 @@ def test_loss_is_the_mean_square_of_the_target_over_valid_rows(prediction_type):
 class _Recorder(_Zero):
     """A zero denoiser that keeps the timesteps it is asked about."""
 
-    seen: list
+    def __init__(self):
+        super().__init__()
+        self.seen = []
 
     def forward(self, noisy, t, ids):
         self.seen.append(t)
@@ -84,7 +86,6 @@ def test_timestep_power_draws_the_noisy_end_more_often():
     means = {}
     for power in (1.0, 2.0):
         rec = _Recorder()
-        rec.seen = []
         diffusion_loss(rec, parts["vae"], parts["noise_scheduler"], batch, torch.Generator().manual_seed(0), power)
         t = rec.seen[0].float()
         assert 0 <= t.min() and t.max() <= 999

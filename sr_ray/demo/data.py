@@ -189,7 +189,12 @@ def generic_caption(rng: np.random.Generator) -> tuple[str, str, str]:
     """(caption, colour, shape) of a generic captioned picture: the regularization set's kind. The caption names
     what is drawn; nothing in it is the community's taste."""
     colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
-    return f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}", colour, shape
+    return short_caption(colour, shape, rng), colour, shape
+
+
+def short_caption(colour: str, shape: str, rng: np.random.Generator) -> str:
+    """"a red circle on a plain background, watercolor" (the style drawn from ``rng``)."""
+    return f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}"
 
 
 def described_caption(rng: np.random.Generator) -> tuple[str, str, str]:
@@ -199,7 +204,7 @@ def described_caption(rng: np.random.Generator) -> tuple[str, str, str]:
     likes: a generator pre-trained on these learns to draw what a prompt names, not the community's taste."""
     colour, shape = str(rng.choice(list(images.COLOURS))), str(rng.choice(images.SHAPES))
     if rng.random() < 0.5:
-        return f"a {colour} {shape} on a plain background, {rng.choice(STYLES)}", colour, shape
+        return short_caption(colour, shape, rng), colour, shape
     return (f"a {rng.choice(community.DETAILS)} {colour} {rng.choice(community.SUBJECTS)} "
             f"{community.SHAPE_WORDS[shape]} {rng.choice(community.SETTINGS)}, {rng.choice(STYLES)}", colour, shape)
 
