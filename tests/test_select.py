@@ -191,3 +191,26 @@ def test_s3_in_and_out_and_a_lost_shard_is_rewritten_identically(ray_cluster, tm
     again = select_pairs(cfg)
     assert again["shards_skipped"] == first["shards"] - 1 and again["counts"] == first["counts"]
     assert {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in shards} == before
+
+
+def test_best_only_keeps_each_prompts_top_image_and_mixes_regularization_per_best_row(ray_cluster, tmp_path):
+    """``worst=false`` (the closed loop's demo): the best image of every prompt with >= 2 images and a gap, no
+    worst row, regularization at the ratio of the best rows alone; a folder selected the paper's way is refused."""
+    gen, scores, _ = write_inputs(tmp_path)
+    top: dict[str, tuple] = {}
+    sizes: dict[str, int] = {}
+    for g, p, s in zip(gen["generation_id"], gen["prompt"], scores):
+        top[p] = max(top.get(p, (s, g)), (s, g))
+        sizes[p] = sizes.get(p, 0) + 1
+    want = {p: g for p, (s, g) in top.items() if sizes[p] >= 2 and p != next(q for q in top if "#000003" in q)}
+    cfg = SelectConfig(scores=str(tmp_path / "scores"), regularization=str(tmp_path / "reg.parquet"),
+                       out=str(tmp_path / "ft"), min_images=2, margin=0.1, regularization_ratio=1.0, worst=False,
+                       rows_per_shard=8, val_prompts=0.0)
+    c = select_pairs(cfg)["counts"]
+    rows = read_set(tmp_path / "ft").to_pylist()
+    assert {r["prompt"]: r["generation_id"] for r in rows if r["source"] == "best"} == want
+    assert c["worst"] == 0 and not any("t@y" in r["prompt"] for r in rows)
+    assert c["regularization_requested"] == len(want) >= 12  # one per best row, not per best + worst
+    assert c["regularization"] + c["bad_images"] == len(want)
+    with pytest.raises(ConfigError, match=r"other settings or inputs \(.*token differ"):
+        select_pairs(SelectConfig(**{**cfg.__dict__, "worst": True}))

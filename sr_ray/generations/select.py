@@ -10,7 +10,9 @@ best and worst differ by ``margin`` or less is skipped (a near tie says nothing;
 an exact tie is always skipped). Regularization rows (a LAION-like set:
 ``caption``, ``image`` bytes or ``image_uri``) are sampled to
 ``regularization_ratio`` x the selected rows, without replacement, as
-``source=regularization``.
+``source=regularization``. With ``worst=false`` only the best rows are kept
+(the closed loop's demo: its 2-layer text encoder does not keep the token apart
+from the prompt, so a worst image teaches the prompt's words the wrong picture).
 
 Output (the fine-tune-set contract): ``prompt``, ``image`` (bytes), ``source``
 in {best, worst, regularization}, ``generation_id`` (regularization rows:
@@ -81,8 +83,11 @@ class SelectConfig:
     token_position: str = "suffix"
     """suffix: "<prompt><sep><token>"; prefix: "<token><sep><prompt>"."""
     token_separator: str = ", "
+    worst: bool = True
+    """Also the worst image per prompt, with the token (the paper); false: the best images only (the token is
+    still recorded, but no row carries it: sample the fine-tuned model without it as negative prompt)."""
     regularization_ratio: float = 1.0
-    """Regularization rows per selected (best + worst) row; the paper mixes in as many as selected."""
+    """Regularization rows per selected (best and worst) row; the paper mixes in as many as selected."""
     val_prompts: float = 0.1
     """Share of the selectable prompts held out of the fine-tune set (seeded by prompt, so prompt-disjoint and
     the same on every run) and written as ``internal.jsonl`` beside it: the paper's "internal" evaluation
@@ -432,7 +437,8 @@ def _regularization_plan(cfg: SelectConfig, reg_files: list, n_sel: int) -> tupl
 
 def _settings(cfg: SelectConfig, inp: _Inputs, n_shards: int) -> dict[str, Any]:
     return {"scores": inp.scores, "generations": inp.generations, "regularization": inp.reg_uri,
-            "min_images": cfg.min_images, "margin": cfg.margin, "token": with_token("{prompt}", cfg),
+            "min_images": cfg.min_images, "margin": cfg.margin,
+            "token": with_token("{prompt}", cfg) if cfg.worst else "none: no worst rows (worst=false)",
             "regularization_ratio": cfg.regularization_ratio, "seed": cfg.seed, "shards": n_shards,
             "val_prompts": cfg.val_prompts,
             "rows_per_shard": cfg.rows_per_shard,
@@ -443,16 +449,16 @@ def _settings(cfg: SelectConfig, inp: _Inputs, n_shards: int) -> dict[str, Any]:
 
 
 def _generation_plan(cfg: SelectConfig, sel: pa.Table, n_shards: int, finished: set[int]) -> pa.Table:
-    """Every selected best/worst row's id, prompt (the worst with the token), source, score, shard and place."""
-    ids = sel.column("best_id").to_pylist() + sel.column("worst_id").to_pylist()
+    """Every selected best (and worst) row's id, prompt (the worst with the token), source, score, shard and place."""
+    sources = ("best", "worst") if cfg.worst else ("best",)
+    ids = [g for s in sources for g in sel.column(f"{s}_id").to_pylist()]
     prompts = sel.column("prompt").to_pylist()
     keys = [row_key(cfg.seed, g) for g in ids]
     plan = pa.table({
         "generation_id": pa.array(ids, pa.string()),
-        "prompt": pa.array(prompts + [with_token(p, cfg) for p in prompts], pa.string()),
-        "source": pa.array(["best"] * len(sel) + ["worst"] * len(sel), pa.string()),
-        "score": pa.array(np.concatenate([sel.column("best_score").to_numpy(), sel.column("worst_score").to_numpy()])
-                          .astype(np.float32)),
+        "prompt": pa.array(prompts + ([with_token(p, cfg) for p in prompts] if cfg.worst else []), pa.string()),
+        "source": pa.array([s for s in sources for _ in range(len(sel))], pa.string()),
+        "score": pa.array(np.concatenate([sel.column(f"{s}_score").to_numpy() for s in sources]).astype(np.float32)),
         "shard": pa.array([k % n_shards for k in keys], pa.int64()),
         "order": pa.array(keys, pa.int64())})
     return plan.filter(pc.invert(pc.is_in(plan.column("shard"), pa.array(sorted(finished), pa.int64()))))
@@ -550,7 +556,7 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     inp = _inputs(cfg)
     log.info("[select] %d scored generations in %d shard(s) under %s", inp.rows, len(inp.score_files), inp.scores)
     pick = _pick(cfg, inp)
-    n_sel = 2 * len(pick["sel"])
+    n_sel = (2 if cfg.worst else 1) * len(pick["sel"])
     reg_plan, n_reg_want, reg_available = _regularization_plan(cfg, inp.reg_files, n_sel)
     planned = n_sel + len(reg_plan)
     n_shards = max(1, math.ceil(planned / cfg.rows_per_shard))
