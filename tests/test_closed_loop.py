@@ -103,9 +103,10 @@ def test_the_pretrained_generator_follows_a_community_prompts_colour_some_of_the
 @pytest.mark.extended
 def test_a_smaller_loop_runs_every_stage_selects_by_the_reward_and_resumes(ray_cluster, tmp_path):
     """The loop with fewer prompts, images and steps (the community's reward trained here): the fine-tune set is the
-    reward's best and worst image of every training prompt (best above worst, and above the mean of the prompt's
-    images), the internal prompts are held out of it and evaluated, every model has its Table 5 row; run again, it
-    redoes no stage. (That the fine-tuned model scores higher: the three-seed test below.)"""
+    reward's best image of every training prompt (above the mean of the prompt's images; no worst row, as the demo
+    sets it) and as many regularization pictures, the internal prompts are held out of it and evaluated, every
+    model has its Table 5 row; run again, it redoes no stage. (That the fine-tuned model scores higher: the
+    three-seed test below.)"""
     from dataclasses import replace
 
     import pyarrow.dataset as pads
@@ -127,7 +128,7 @@ def test_a_smaller_loop_runs_every_stage_selects_by_the_reward_and_resumes(ray_c
                   evaluate=replace(base.evaluate, metrics=["social_reward", "clip"], best_of_n=[], grid_prompts=2))
     out = loop.closed_loop(cfg)
     rows = {(r["prompt_set"], r["model"]): r for r in out["table5"]}
-    assert set(rows) == {(s, m) for s in ("internal", "general") for m in ("baseline", "finetuned", loop.NO_TOKEN)}
+    assert set(rows) == {(s, m) for s in ("internal", "general") for m in ("baseline", "finetuned")}
     assert rows[("internal", "baseline")]["prompts"] == 8 and rows[("general", "finetuned")]["images"] == 16
 
     def read(folder: str):
@@ -136,12 +137,10 @@ def test_a_smaller_loop_runs_every_stage_selects_by_the_reward_and_resumes(ray_c
 
     scores, fset = read("scores"), read("finetune-set")
     counts = fset["source"].value_counts().to_dict()
-    assert counts == {"best": 16, "worst": 16, "regularization": 32}
+    assert counts == {"best": 16, "regularization": 16}
     per_prompt = scores.groupby("prompt")["score"]
     best = fset[fset["source"] == "best"].set_index("prompt")["score"]
-    worst = fset[fset["source"] == "worst"].assign(prompt=lambda d: d["prompt"].str.replace(", t@y quality", ""))
     assert (best == per_prompt.max()[best.index]).all()  # the reward's top image of each prompt
-    assert (worst.set_index("prompt")["score"] == per_prompt.min()[worst["prompt"]].to_numpy()).all()
     assert best.mean() > per_prompt.mean()[best.index].mean() + 0.05  # better than a random pick
 
     lines = (tmp_path / "loop" / "finetune-set" / "internal.jsonl").read_text().splitlines()
@@ -191,9 +190,9 @@ def test_a_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path):
 
 @pytest.mark.extended
 def test_over_three_seeds_the_fine_tuned_generator_wins_on_held_out_prompts(ray_cluster, tmp_path):
-    """A smaller loop (32 prompts to fine-tune on, 8 images each, 150 steps; 24 held-out prompts drawn 4 times)
+    """A smaller loop (128 prompts to fine-tune on, 8 images each, 300 steps; 24 held-out prompts drawn 4 times)
     with three seeds: each time the fine-tuned model's mean Social Reward on the held-out community prompts is
-    above the baseline's (the same prompts and sampling seeds)."""
+    above the baseline's (the same prompts and sampling seeds). ~15 min."""
     from dataclasses import replace
 
     from sr_ray.app import closed_loop as loop
@@ -210,8 +209,8 @@ def test_over_three_seeds_the_fine_tuned_generator_wins_on_held_out_prompts(ray_
     gains = []
     for seed in (1, 2, 3):
         cfg = replace(base, out=str(tmp_path / f"loop-{seed}"), seed=seed, reward_checkpoint=checkpoint,
-                      train_prompts=32, internal_prompts=24, general_prompts=0, also_without_token=False,
-                      finetune=replace(base.finetune, optim=replace(base.finetune.optim, max_steps=150)),
+                      train_prompts=128, internal_prompts=24, general_prompts=0,
+                      finetune=replace(base.finetune, optim=replace(base.finetune.optim, max_steps=300)),
                       evaluate=replace(base.evaluate, metrics=["social_reward"], best_of_n=[], grid_prompts=2))
         rows = {r["model"]: r for r in loop.closed_loop(cfg)["table5"] if r["prompt_set"] == "internal"}
         assert rows["baseline"]["prompts"] == rows["finetuned"]["prompts"] == 24

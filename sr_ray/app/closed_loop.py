@@ -88,13 +88,17 @@ class ClosedLoopConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(images_per_prompt=8, steps=10))
     """How the baseline draws the images to select from (``images_per_prompt`` above wins)."""
     generation: GenComputeConfig = field(default_factory=lambda: GenComputeConfig(batch_size=32, prompts_per_shard=16))
+    select: SelectConfig = field(default_factory=lambda: _preset(SelectConfig, "select_pairs"))
+    """The selection (scores, regularization, out, val_prompts and seed are set by the loop); ``select.worst=false``:
+    the best images only, and the fine-tuned model is sampled without the token (nothing taught it)."""
     finetune: FinetuneSDConfig = field(default_factory=lambda: _preset(FinetuneSDConfig, "finetune_sd"))
     """The fine-tune (model, data.train, run.name and run.storage_path are set by the loop)."""
     evaluate: EvaluateT2IConfig = field(default_factory=lambda: _preset(EvaluateT2IConfig, "evaluate_t2i"))
     """The evaluation (baseline, finetuned, prompts, out and the reward checkpoint are set by the loop)."""
     also_without_token: bool = True
     """Evaluate the fine-tuned model a second time without the special token as negative prompt (model
-    ``finetuned-no-token``), beside the paper's way (``finetuned``: the token as negative prompt)."""
+    ``finetuned-no-token``), beside the paper's way (``finetuned``: the token as negative prompt); only when the
+    fine-tune set has worst rows (``select.worst``)."""
     regularization: str | None = None
     """Regularization pictures (caption + image); none: the demo's generic set."""
     ray_address: str | None = None
@@ -171,7 +175,7 @@ def score_stage(cfg: ClosedLoopConfig, generations: str, checkpoint: str) -> str
 
 def select_stage(cfg: ClosedLoopConfig, scores: str, share: float) -> str:
     out = os.path.join(cfg.out, "finetune-set")
-    sel = _preset(SelectConfig, "select_pairs")
+    sel = cfg.select
     reg = cfg.regularization or ensure_demo_regularization(sel.demo)
     select.select_pairs(replace(sel, scores=scores, regularization=reg, out=out, val_prompts=share, seed=cfg.seed,
                                 ray_address=cfg.ray_address))
@@ -194,12 +198,13 @@ def finetune_stage(cfg: ClosedLoopConfig, fset: str) -> str:
 
 def evaluate_stage(cfg: ClosedLoopConfig, run: str, general: str, checkpoint: str) -> dict[str, Any]:
     ev = cfg.evaluate
-    more = {NO_TOKEN: run} if cfg.also_without_token else {}
+    token = cfg.select.worst  # without worst rows the token means nothing to the fine-tuned model
+    more = {NO_TOKEN: run} if cfg.also_without_token and token else {}
     ev = replace(ev, baseline=cfg.generator, finetuned=run, models={**ev.models, **more},
                  prompts=[general] if cfg.general_prompts else [],
                  max_prompts=0, finetune_demo=False, out=os.path.join(cfg.out, "eval"), ray_address=cfg.ray_address,
                  sampling=replace(ev.sampling, seed=cfg.seed + 1,
-                                  negative_for=[m for m in ev.sampling.negative_for if m != NO_TOKEN]),
+                                  negative_for=[m for m in ev.sampling.negative_for if m != NO_TOKEN and token]),
                  social_reward=replace(ev.social_reward, checkpoint=checkpoint))
     return t2i.evaluate_t2i(ev)
 
