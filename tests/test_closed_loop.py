@@ -216,3 +216,24 @@ def test_over_three_seeds_the_fine_tuned_generator_wins_on_held_out_prompts(ray_
         assert rows["baseline"]["prompts"] == rows["finetuned"]["prompts"] == 24
         gains.append(rows["finetuned"]["social_reward"] - rows["baseline"]["social_reward"])
     assert min(gains) > 0, gains
+
+
+def test_without_worst_rows_the_fine_tuned_model_is_sampled_without_the_token(monkeypatch, tmp_path):
+    """The evaluation the loop asks for: the paper's way (worst rows with the token) samples ``finetuned`` with the
+    token as negative prompt and adds ``finetuned-no-token``; with the best images only neither (nothing taught the
+    token), whatever ``negative_for`` and ``also_without_token`` say."""
+    from dataclasses import replace
+
+    from sr_ray.app import closed_loop as loop
+
+    asked = []
+    monkeypatch.setattr(loop.t2i, "evaluate_t2i", asked.append)
+    cfg = ClosedLoopConfig(out=str(tmp_path / "loop"), also_without_token=True)
+    cfg = replace(cfg, evaluate=replace(cfg.evaluate, sampling=replace(cfg.evaluate.sampling,
+                                                                        negative_for=["finetuned"])))
+    loop.evaluate_stage(cfg, "/run", "general.txt", "/ckpt")
+    loop.evaluate_stage(replace(cfg, select=replace(cfg.select, worst=False)), "/run", "general.txt", "/ckpt")
+    paper, best_only = asked
+    assert paper.models.get(loop.NO_TOKEN) == "/run" and paper.sampling.negative_for == ["finetuned"]
+    assert loop.NO_TOKEN not in best_only.models and best_only.sampling.negative_for == []
+    assert best_only.finetuned == "/run" and best_only.social_reward.checkpoint == "/ckpt"

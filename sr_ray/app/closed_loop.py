@@ -11,8 +11,8 @@ the community's reward model ranks them, then evaluated against itself before.
    ``train_prompts`` to fine-tune on and ``internal_prompts`` held out, plus the demo's general set;
 4. ``generate``: ``images_per_prompt`` images per prompt from the baseline;
 5. ``score``: every image scored by the reward (``selection=random``: by the ``random`` scorer: the ablation);
-6. ``select``: the best and worst image per prompt, the worst with the special token, as many regularization
-   pictures; the internal prompts held out (``internal.jsonl``);
+6. ``select``: the best image per prompt (and, with ``select.worst``, the worst with the special token), as many
+   regularization pictures; the internal prompts held out (``internal.jsonl``);
 7. ``finetune``: U-Net and text encoder fine-tuned on that set (Ray Train, DeepSpeed ZeRO-2);
 8. ``evaluate``: baseline vs fine-tuned on the internal and general prompts under the six metrics:
    Tables 5-6 with bootstrap intervals, the grids (``<out>/eval``).
