@@ -448,15 +448,20 @@ def _settings(cfg: SelectConfig, inp: _Inputs, n_shards: int) -> dict[str, Any]:
                        "regularization": [f.identity() for f in inp.reg_files]}}
 
 
+def selected_sources(cfg: SelectConfig) -> tuple[str, ...]:
+    """The rows each selected prompt gives: its best image, and its worst unless ``worst=false``."""
+    return SOURCES[:2] if cfg.worst else SOURCES[:1]
+
+
 def _generation_plan(cfg: SelectConfig, sel: pa.Table, n_shards: int, finished: set[int]) -> pa.Table:
     """Every selected best (and worst) row's id, prompt (the worst with the token), source, score, shard and place."""
-    sources = ("best", "worst") if cfg.worst else ("best",)
+    sources = selected_sources(cfg)
     ids = [g for s in sources for g in sel.column(f"{s}_id").to_pylist()]
     prompts = sel.column("prompt").to_pylist()
     keys = [row_key(cfg.seed, g) for g in ids]
     plan = pa.table({
         "generation_id": pa.array(ids, pa.string()),
-        "prompt": pa.array(prompts + ([with_token(p, cfg) for p in prompts] if cfg.worst else []), pa.string()),
+        "prompt": pa.array([p if s == "best" else with_token(p, cfg) for s in sources for p in prompts], pa.string()),
         "source": pa.array([s for s in sources for _ in range(len(sel))], pa.string()),
         "score": pa.array(np.concatenate([sel.column(f"{s}_score").to_numpy() for s in sources]).astype(np.float32)),
         "shard": pa.array([k % n_shards for k in keys], pa.int64()),
@@ -556,7 +561,7 @@ def select_pairs(cfg: SelectConfig) -> dict[str, Any]:
     inp = _inputs(cfg)
     log.info("[select] %d scored generations in %d shard(s) under %s", inp.rows, len(inp.score_files), inp.scores)
     pick = _pick(cfg, inp)
-    n_sel = (2 if cfg.worst else 1) * len(pick["sel"])
+    n_sel = len(selected_sources(cfg)) * len(pick["sel"])
     reg_plan, n_reg_want, reg_available = _regularization_plan(cfg, inp.reg_files, n_sel)
     planned = n_sel + len(reg_plan)
     n_shards = max(1, math.ceil(planned / cfg.rows_per_shard))
