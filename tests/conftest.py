@@ -41,7 +41,7 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_endpoint):
+def ray_cluster(s3_endpoint, tmp_path_factory):
     import ray
 
     from sr_ray.core.ray_utils import init_ray
@@ -49,7 +49,10 @@ def ray_cluster(s3_endpoint):
     # the jobs' own local start (dashboard on a free port: Train's placement-group cleaner needs its State API)
     # tests/ on the workers' path: scorers named by import path (tests/plugin_scorers.py) load in actors
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
-    init_ray(num_cpus=2, env_vars={"AWS_ENDPOINT_URL": s3_endpoint, "PYTHONPATH": path}, log_to_driver=True)
+    # JIT-built torch extensions (DeepSpeed's ops) in a folder of this session: a test can see what was built
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    init_ray(num_cpus=2, env_vars={"AWS_ENDPOINT_URL": s3_endpoint, "PYTHONPATH": path,
+                                   "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -168,6 +169,19 @@ def deepspeed_config(cfg: FinetuneSDConfig, per_worker: int, bf16: bool) -> dict
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
 
 
+def without_inference_kernels() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce kernel (``deepspeed_shm_comm``) at
+    ``deepspeed.initialize``: only inference tensor parallelism calls it (``inference_all_reduce``), never ZeRO
+    training, which all-reduces through torch.distributed (gloo); the JIT build costs ~40 s on 2 cores the first
+    time on a machine. DeepSpeed reads the op's entry in its table of compatible ops before building it. Also
+    quiets torch's FutureWarning on ``all_gather_into_tensor``, which ZeRO-2 calls every step (it names no
+    problem of this code)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
 def _to(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -257,6 +271,8 @@ class FinetuneWorker(raytrain.Worker):
         if cfg.deepspeed.enabled:
             import deepspeed
 
+            if self.device.type == "cpu":
+                without_inference_kernels()
             self.engine, optim, _, sched = deepspeed.initialize(
                 model=denoiser, optimizer=optim, lr_scheduler=sched,
                 config=deepspeed_config(cfg, self.per_worker, self.bf16))
