@@ -3,10 +3,10 @@ the community's reward model ranks them, then evaluated against itself before.
 
 ``closed_loop(cfg)`` runs, each stage into a folder of ``out`` and skipped when it is already there:
 
-1. ``reward``: ``reward_checkpoint``; the job (:func:`sr_ray.app.defaults.closed_loop`) gives the reward model
-   trained on the simulated community's curated triplets (the training job's demo run, trained when absent);
-2. ``generator``: the baseline generator (``tiny-pretrained``: pre-trained once per machine on generic
+1. ``generator``: the baseline generator (``tiny-pretrained``: pre-trained once per machine on generic
    captioned pictures, no community taste in them);
+2. ``reward``: ``reward_checkpoint``; the job (:func:`sr_ray.app.defaults.closed_loop`) gives the reward model
+   trained on the simulated community's curated triplets (the training job's demo run, trained when absent);
 3. ``prompts``: new prompts as the community writes them, split as select_pairs will split them into
    ``train_prompts`` to fine-tune on and ``internal_prompts`` held out, plus the demo's general set;
 4. ``generate``: ``images_per_prompt`` images per prompt from the baseline;
@@ -247,8 +247,15 @@ def check_out(cfg: ClosedLoopConfig) -> None:
                           f"); its finished stages would be reused: give another out, or delete it")
 
 
+def prepare_generator(cfg: ClosedLoopConfig, times: dict[str, float]) -> None:
+    """Fit (once per machine) what the built-in generator needs, timed as "generator" unless done before."""
+    if "generator" not in times:
+        _timed(times, "generator", prepare_model, cfg.generator)
+
+
 def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, dict[str, str]]:
-    """Stages 2-7 (see the module): (the fine-tuning run's folder, the prompt files); their seconds in ``times``."""
+    """Stages 1 and 3-7 (see the module; 2, the reward, is given): (the fine-tuning run's folder, the prompt
+    files); their seconds in ``times``."""
     if not cfg.reward_checkpoint:
         raise ConfigError("reward_checkpoint: required (a reward run's checkpoint that ranks the generations); the "
                           "job (sr-ray closed_loop) trains the community's when none is given")
@@ -256,7 +263,7 @@ def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, 
         raise ConfigError("out: the closed loop keeps its stages in a local folder (each stage alone takes s3://)")
     check_out(cfg)
     share = cfg.internal_prompts / (cfg.internal_prompts + cfg.train_prompts)
-    _timed(times, "generator", prepare_model, cfg.generator)
+    prepare_generator(cfg, times)
     files = _timed(times, "prompts", write_prompts, cfg, share, cfg.reward_checkpoint)
     gens = _timed(times, "generate", generate_stage, cfg, files["community"])
     scores = _timed(times, "score", score_stage, cfg, gens, cfg.reward_checkpoint)

@@ -282,8 +282,10 @@ def community_checkpoint(ray_address: str | None = None) -> str:
 
 
 def closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
-    """The closed loop (:mod:`sr_ray.app.closed_loop`): the reward given, else the community's."""
+    """The closed loop (:mod:`sr_ray.app.closed_loop`): the reward given, else the community's. The built-in
+    generator is pre-trained first, in this process, before the reward's training starts Ray's processes."""
     times = {}
+    loop.prepare_generator(cfg, times)
     if not cfg.reward_checkpoint:
         t = time.perf_counter()
         cfg = replace(cfg, reward_checkpoint=community_checkpoint(cfg.ray_address))
