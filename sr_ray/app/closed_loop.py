@@ -273,8 +273,9 @@ def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, 
 
 def closed_loop(cfg: ClosedLoopConfig, times: dict[str, float] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage; returns the JSON summary (also ``<out>/closed_loop.json``). ``times``: the
-    seconds of stages run before (the job's reward training)."""
+    seconds of stages run before (the job's generator and reward), counted in ``wall_s``."""
     t0, times = time.perf_counter(), dict(times or {})
+    before = sum(times.values())
     run, files = finetuned_run(cfg, times)
     ev = _timed(times, "evaluate", evaluate_stage, cfg, run, files["general"], cfg.reward_checkpoint)
     summary = {"out": os.path.abspath(cfg.out), "selection": cfg.selection, "generator": cfg.generator,
@@ -283,6 +284,6 @@ def closed_loop(cfg: ClosedLoopConfig, times: dict[str, float] | None = None) ->
                            "general": cfg.general_prompts},
                "social_reward_win_rate": headline(ev), "table5": ev["table5"], "win_rates": ev["win_rates"],
                "grids": ev["grids"], "stage_s": times,
-               "wall_s": round(time.perf_counter() - t0 + times.get("reward", 0.0), 1)}
+               "wall_s": round(time.perf_counter() - t0 + before, 1)}
     storage.write_bytes(os.path.join(cfg.out, "closed_loop.json"), json.dumps(summary, indent=1).encode())
     return summary
