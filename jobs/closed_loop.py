@@ -1,9 +1,10 @@
 """The paper's loop in miniature, from nothing: a pre-trained tiny generator draws several images per community
-prompt, the community's reward model ranks them, the best and worst (with the special token) and as many
-regularization pictures fine-tune the generator, and the fine-tuned model is evaluated against the baseline on
-held-out community prompts and a general set (Tables 5-6 with bootstrap intervals, image grids).
+prompt, the community's reward model ranks them, the best of each (the paper also takes the worst, with the
+special token: select.worst=true) and as many regularization pictures fine-tune the generator, and the
+fine-tuned model is evaluated against the baseline on held-out community prompts and a general set (Tables 5-6
+with bootstrap intervals, image grids).
 
-    python jobs/closed_loop.py                                   # embedded default (~10 min on 2 CPU cores)
+    python jobs/closed_loop.py                                   # embedded default (13½ min on 2 cores, 7 when cached)
     python jobs/closed_loop.py selection=random out=./runs/closed-loop-random   # the ablation: random picks
     python jobs/closed_loop.py seed=1 out=./runs/closed-loop-s1 finetune.optim.max_steps=300
 
