@@ -183,7 +183,7 @@ def test_deepspeed_zero2_on_two_cpu_workers_trains_the_unet_only(ray_cluster, tm
     acc = EventAccumulator(str(tmp_path / "runs" / "ds" / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"train/loss", "train/lr", "train/samples_per_s"} <= set(acc.Tags()["scalars"])
     assert "samples" in acc.Tags()["images"]
-    # DeepSpeed's CPU shared-memory all-reduce serves inference only: not compiled for training (~40 s saved)
+    # DeepSpeed's CPU shared-memory all-reduce serves inference only: not compiled for training (~37 s saved)
     assert not (Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm").exists()
 
 

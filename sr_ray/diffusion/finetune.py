@@ -172,7 +172,7 @@ def deepspeed_config(cfg: FinetuneSDConfig, per_worker: int, bf16: bool) -> dict
 def without_inference_kernels() -> None:
     """Keep DeepSpeed from compiling its CPU shared-memory all-reduce kernel (``deepspeed_shm_comm``) at
     ``deepspeed.initialize``: only inference tensor parallelism calls it (``inference_all_reduce``), never ZeRO
-    training, which all-reduces through torch.distributed (gloo); the JIT build costs ~40 s on 2 cores the first
+    training, which all-reduces through torch.distributed (gloo); the JIT build costs ~37 s on 2 cores the first
     time on a machine. DeepSpeed reads the op's entry in its table of compatible ops before building it. Also
     quiets torch's FutureWarning on ``all_gather_into_tensor``, which ZeRO-2 calls every step (it names no
     problem of this code)."""
