@@ -34,14 +34,13 @@ from typing import Any, Callable
 import pyarrow.dataset as pads
 
 from sr_ray.core import identity, storage
-from sr_ray.core.aside import Aside
 from sr_ray.core.config import ConfigError, load_config, preset_path, to_dict
 from sr_ray.demo.community import draw_prompts
 from sr_ray.demo.data import ensure_demo_regularization
 from sr_ray.demo.prompts import demo_prompt_sets
 from sr_ray.diffusion import finetune as sd_finetune
 from sr_ray.diffusion import generate as sd_generate
-from sr_ray.diffusion.components import TINY_PRETRAINED, model_prepared, prepare_model
+from sr_ray.diffusion.components import TINY_PRETRAINED, prepare_model
 from sr_ray.diffusion.finetune import FinetuneSDConfig
 from sr_ray.diffusion.generate import GenComputeConfig, GenerateConfig, SamplingConfig
 from sr_ray.diffusion.tiny import tiny_generator_file
@@ -254,12 +253,6 @@ def prepare_generator(cfg: ClosedLoopConfig, times: dict[str, float]) -> None:
         _timed(times, "generator", prepare_model, cfg.generator)
 
 
-def prepare_generator_aside(cfg: ClosedLoopConfig) -> Aside | None:
-    """The built-in generator's fit (once per machine) started in a child process, when there is one to do: the
-    job trains the reward meanwhile. None when the generator needs no fitting."""
-    return None if model_prepared(cfg.generator) else Aside("generator", prepare_model, cfg.generator)
-
-
 def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, dict[str, str]]:
     """Stages 1 and 3-7 (see the module; 2, the reward, is given): (the fine-tuning run's folder, the prompt
     files); their seconds in ``times``."""
@@ -278,12 +271,11 @@ def finetuned_run(cfg: ClosedLoopConfig, times: dict[str, float]) -> tuple[str, 
     return _timed(times, "finetune", finetune_stage, cfg, fset), files
 
 
-def closed_loop(cfg: ClosedLoopConfig, times: dict[str, float] | None = None,
-                started: float | None = None) -> dict[str, Any]:
+def closed_loop(cfg: ClosedLoopConfig, times: dict[str, float] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage; returns the JSON summary (also ``<out>/closed_loop.json``). ``times``: the
-    seconds of stages run before (the job's generator and reward, side by side); ``started``: the
-    ``time.perf_counter()`` they started at, so ``wall_s`` counts them (once)."""
-    t0, times = started or time.perf_counter(), dict(times or {})
+    seconds of stages run before (the job's generator and reward), counted in ``wall_s``."""
+    t0, times = time.perf_counter(), dict(times or {})
+    before = sum(times.values())
     run, files = finetuned_run(cfg, times)
     ev = _timed(times, "evaluate", evaluate_stage, cfg, run, files["general"], cfg.reward_checkpoint)
     summary = {"out": os.path.abspath(cfg.out), "selection": cfg.selection, "generator": cfg.generator,
@@ -292,6 +284,6 @@ def closed_loop(cfg: ClosedLoopConfig, times: dict[str, float] | None = None,
                            "general": cfg.general_prompts},
                "social_reward_win_rate": headline(ev), "table5": ev["table5"], "win_rates": ev["win_rates"],
                "grids": ev["grids"], "stage_s": times,
-               "wall_s": round(time.perf_counter() - t0, 1)}
+               "wall_s": round(time.perf_counter() - t0 + before, 1)}
     storage.write_bytes(os.path.join(cfg.out, "closed_loop.json"), json.dumps(summary, indent=1).encode())
     return summary

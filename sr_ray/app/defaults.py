@@ -282,22 +282,15 @@ def community_checkpoint(ray_address: str | None = None) -> str:
 
 
 def closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
-    """The closed loop (:mod:`sr_ray.app.closed_loop`): the reward given, else the community's. When the reward
-    must be trained and the built-in generator fitted, both run at once: the generator's fit in a child process
-    (two torch threads), the reward's training here with Ray; neither needs the other."""
-    t0, times = time.perf_counter(), {}
-    if cfg.reward_checkpoint:
-        return loop.closed_loop(cfg, times, started=t0)
-    fit = loop.prepare_generator_aside(cfg)
-    try:
+    """The closed loop (:mod:`sr_ray.app.closed_loop`): the reward given, else the community's. The built-in
+    generator is pre-trained first, in this process, before the reward's training starts Ray's processes."""
+    times = {}
+    loop.prepare_generator(cfg, times)
+    if not cfg.reward_checkpoint:
+        t = time.perf_counter()
         cfg = replace(cfg, reward_checkpoint=community_checkpoint(cfg.ray_address))
-        times["reward"] = round(time.perf_counter() - t0, 1)
-        if fit is not None:
-            times["generator"] = fit.wait()
-    finally:
-        if fit is not None:
-            fit.cancel()
-    return loop.closed_loop(cfg, times, started=t0)
+        times["reward"] = round(time.perf_counter() - t, 1)
+    return loop.closed_loop(cfg, times)
 
 
 def compare_rewards(cfg: CompareConfig) -> dict[str, Any]:

@@ -24,10 +24,8 @@ from sr_ray.diffusion.tiny import (
     TOKENIZER_CACHE,
     clip_bpe_tokenizer,
     tiny_components,
-    tiny_generator_file,
     tiny_generator_state,
     tiny_pretrained_components,
-    tiny_vae_file,
     tiny_vae_state,
     training_scheduler,
 )
@@ -66,15 +64,6 @@ def prepare_model(name: str) -> None:
         tiny_vae_state()
     if name == TINY_PRETRAINED:
         tiny_generator_state()
-
-
-def model_prepared(name: str) -> bool:
-    """Whether :func:`prepare_model` has nothing left to fit for ``name`` (its caches are there)."""
-    if name == TINY:
-        return tiny_vae_file().exists()
-    if name == TINY_PRETRAINED:
-        return tiny_vae_file().exists() and tiny_generator_file().exists()
-    return True
 
 
 def sd21_base_random(seed: int = 0) -> dict[str, Any]:

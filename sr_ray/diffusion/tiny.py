@@ -91,11 +91,6 @@ def _tiny_vae(scaling_factor: float = 0.18215):
         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
 
 
-def tiny_vae_file() -> Path:
-    """The fitted tiny VAE's cache file (its name holds a hash of ``TINY_VAE``)."""
-    return cache_file("vae", TINY_VAE)
-
-
 def tiny_vae_state() -> dict[str, Any]:
     """The tiny VAE's weights, fitted once on demo pictures (cached under ``TOKENIZER_CACHE``'s folder).
 
@@ -107,7 +102,7 @@ def tiny_vae_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    path = tiny_vae_file()
+    path = cache_file("vae", TINY_VAE)
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
     p = TINY_VAE
