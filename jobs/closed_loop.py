@@ -4,7 +4,7 @@ special token: select.worst=true) and as many regularization pictures fine-tune 
 fine-tuned model is evaluated against the baseline on held-out community prompts and a general set (Tables 5-6
 with bootstrap intervals, image grids).
 
-    python jobs/closed_loop.py                                   # embedded default (13½ min on 2 cores, 7 when cached)
+    python jobs/closed_loop.py                                   # embedded default (2 cores: 11 min from nothing, 5 cached)
     python jobs/closed_loop.py selection=random out=./runs/closed-loop-random   # the ablation: random picks
     python jobs/closed_loop.py seed=1 out=./runs/closed-loop-s1 finetune.optim.max_steps=300
 
