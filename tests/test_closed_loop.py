@@ -192,7 +192,7 @@ def test_a_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path):
 def test_over_three_seeds_the_fine_tuned_generator_wins_on_held_out_prompts(ray_cluster, tmp_path):
     """A smaller loop (128 prompts to fine-tune on, 8 images each, 300 steps of 16; 24 held-out prompts drawn 4 times)
     with three seeds: each time the fine-tuned model's mean Social Reward on the held-out community prompts is
-    above the baseline's (the same prompts and sampling seeds). ~15 min."""
+    above the baseline's (the same prompts and sampling seeds). ~13 min."""
     from dataclasses import replace
 
     from sr_ray.app import closed_loop as loop
