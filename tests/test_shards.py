@@ -26,6 +26,27 @@ def test_a_shard_is_committed_when_its_last_row_is_back_and_missing_rows_are_nam
     assert c.committed == 3 and c.rows == c.total == 6
 
 
+def test_fault_injection_kills_the_process_right_after_the_nth_commit(tmp_path):
+    """kill_after=2: the process dies by SIGKILL inside the add() that commits the second shard, not later."""
+    import signal
+    import subprocess
+    import sys
+
+    code = f"""
+import pyarrow as pa
+from sr_ray.core.shards import ShardCollector
+log = open({str(tmp_path / "log")!r}, "a")
+c = ShardCollector({{"a": 1, "b": 1, "c": 1}}, lambda s, parts: (log.write(s + "\\n"), log.flush()), key="shard",
+                   tag="t", kill_after=2)
+c.add(pa.table({{"shard": ["a"]}}))
+c.add(pa.table({{"shard": ["b", "c"]}}))
+log.write("survived\\n")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / "log").read_text().split() == ["a", "b"]
+
+
 def test_one_folder_holds_one_set_of_settings(tmp_path):
     out = str(tmp_path / "out")
     assert identity.same_settings(out, "_s.json", {"margin": 0.1, "inputs": {"scores": "a"}}, "a set") is None

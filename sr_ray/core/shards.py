@@ -4,12 +4,15 @@ Batch scoring (a shard per input file) and generation (a shard per chunk of prom
 Dataset whose rows carry the name of the shard they belong to. :class:`ShardCollector` groups them, calls the
 job's ``commit(shard, parts)`` when a shard's last row is back (the job writes it atomically, so a killed run
 resumes from its finished shards), logs rows, rate and ETA every few seconds, and names the shards whose rows
-never all came back.
+never all came back. For resume tests it can SIGKILL its own process right after a given number of commits: a
+kill timed from outside races the commits, which come in bursts of a few milliseconds when batches are small.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from typing import Callable, Sequence
 
@@ -20,12 +23,14 @@ log = logging.getLogger(__name__)
 
 class ShardCollector:
     """``need``: {shard: rows expected}; ``key``: the column naming a row's shard; ``columns``: the columns kept
-    (all when empty); ``tag``/``unit``: the progress line's prefix and what a row is; ``extra``: more text for it."""
+    (all when empty); ``tag``/``unit``: the progress line's prefix and what a row is; ``extra``: more text for it;
+    ``kill_after``: fault injection, SIGKILL this process once that many shards are committed (0: never)."""
 
     def __init__(self, need: dict[str, int], commit: Callable[[str, list[pa.Table]], None], key: str,
                  tag: str, unit: str = "rows", every_s: float = 10.0, columns: Sequence[str] = (),
-                 extra: Callable[[], str] | None = None):
+                 extra: Callable[[], str] | None = None, kill_after: int = 0):
         self.need, self.commit, self.key, self.columns = dict(need), commit, key, list(columns)
+        self.kill_after = kill_after
         self.tag, self.unit, self.every_s, self.extra = tag, unit, every_s, extra
         self.parts: dict[str, list[pa.Table]] = {}
         self.total, self.rows, self.committed = sum(self.need.values()), 0, 0
@@ -45,6 +50,9 @@ class ShardCollector:
             if self.need[shard] == 0:
                 self.commit(shard, self.parts.pop(shard))
                 self.committed += 1
+                if self.committed == self.kill_after:
+                    log.warning("[%s] fault injection: SIGKILL after %d committed shard(s)", self.tag, self.committed)
+                    os.kill(os.getpid(), signal.SIGKILL)
         self.log()
 
     def rate(self) -> float:

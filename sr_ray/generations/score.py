@@ -119,6 +119,9 @@ class ScoreConfig(ScorerSettings):
     s3_endpoint: str | None = None
     ray_address: str | None = None
     progress_every_s: float = 10.0
+    kill_after_shards: int = 0
+    """Fault injection for resume tests: the driver SIGKILLs itself right after committing this many shards in
+    this run (0: never)."""
     demo: dict[str, Any] = field(default_factory=dict)
     """Demo generation set: prompts, images_per_prompt, image_size, seed, bad_rows, rows_per_file, cache_dir."""
 
@@ -132,6 +135,8 @@ class ScoreConfig(ScorerSettings):
             raise ValueError("batch sizes must be >= 1")
         if not 0.0 <= self.max_reject_rate <= 1.0:
             raise ValueError("max_reject_rate must be in [0, 1]")
+        if self.kill_after_shards < 0:
+            raise ValueError("kill_after_shards must be >= 0 (0: never)")
 
 
 @dataclass
@@ -469,7 +474,7 @@ class ScoringProgress(ShardCollector):
         self.rejected, self.encoded, self.first_ready = 0, 0, None
         super().__init__({f.file.uri: f.rows for f in todo}, self._commit, parquet.FILE_COL, "score", "images",
                          cfg.progress_every_s, columns=[ID, "score", "reason"],
-                         extra=lambda: f"rejected {self.rejected}")
+                         extra=lambda: f"rejected {self.rejected}", kill_after=cfg.kill_after_shards)
 
     def _commit(self, uri: str, parts: list) -> None:
         f = self.by_uri[uri]
